@@ -1,0 +1,36 @@
+//! sensord collects JSON sensor readings sent over UDP and stores every one
+//! of them, in SQLite by default. Stopping it (SIGINT, SIGTERM) flushes
+//! everything still in flight first.
+//!
+//! # Layout
+//! - `reading`: the `Reading` type and datagram parsing. No I/O.
+//! - `receiver`: the UDP receive loop (thread `receiver`). Sockets and the
+//!   channel, never the database.
+//! - `persister`: the batching thread (thread `persister`) and
+//!   `ShutdownGuard`, whose `Drop` is the final flush. The channel and a
+//!   `Store`, never sockets.
+//! - `store`: the `Store` trait and its SQLite implementation. SQL only.
+//! - `spill`: the spill file written when the final flush cannot commit,
+//!   and its replay at start.
+//! - `server`: `sensord serve`, wiring the above to a socket and a store.
+//! - `client`, `stats`: `sensord send` and `sensord stats`.
+//! - `ledger`, `shutdown`, `error`: counters, the stop trigger, the error type.
+//!
+//! Dependencies flow one way: main → server/client/stats → receiver/persister
+//! → store/spill/reading → error.
+
+pub mod client;
+pub mod error;
+pub mod ledger;
+pub mod persister;
+pub mod reading;
+pub mod receiver;
+pub mod server;
+pub mod shutdown;
+pub mod spill;
+pub mod stats;
+pub mod store;
+
+pub use error::Error;
+pub use reading::Reading;
+pub use shutdown::Shutdown;

@@ -1,0 +1,435 @@
+//! The UDP receive loop: takes datagrams from the socket, parses them, and
+//! hands readings to the persister in chunks. Knows sockets and the channel,
+//! never the database.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{SendTimeoutError, Sender};
+use log::{debug, info, warn};
+
+use crate::error::Error;
+use crate::ledger::Ledger;
+use crate::reading::{Rejection, parse_datagram};
+use crate::shutdown::Shutdown;
+use crate::{Reading, error};
+
+/// How often a blocked receive or send looks at the shutdown trigger.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The largest UDP payload; a buffer this size never truncates a datagram.
+const MAX_DATAGRAM: usize = 65_536;
+
+/// Binds `addr` and asks the kernel for a `recv_buffer`-byte receive buffer,
+/// logging what it granted.
+pub fn bind(addr: &str, recv_buffer: usize) -> Result<UdpSocket, Error> {
+    let socket = UdpSocket::bind(addr).map_err(|source| Error::Bind {
+        addr: addr.to_string(),
+        source,
+    })?;
+    let granted = set_recv_buffer(&socket, recv_buffer).map_err(|source| Error::Socket {
+        what: "set the receive buffer size",
+        source,
+    })?;
+    info!("receive buffer: asked for {recv_buffer} bytes, kernel granted {granted}");
+    Ok(socket)
+}
+
+/// Sets SO_RCVBUF, trying SO_RCVBUFFORCE first (it lifts the
+/// `net.core.rmem_max` cap when we have CAP_NET_ADMIN), and returns the size
+/// granted. Linux reports double the size asked for: its bookkeeping share.
+#[cfg(target_os = "linux")]
+fn set_recv_buffer(socket: &UdpSocket, bytes: usize) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: fd is an open socket for the call's duration; value and size
+    // describe a live c_int.
+    unsafe {
+        let set = |option| {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                (&raw const value).cast(),
+                size,
+            )
+        };
+        if set(libc::SO_RCVBUFFORCE) != 0 && set(libc::SO_RCVBUF) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut granted: libc::c_int = 0;
+        let mut len = size;
+        if libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw mut granted).cast(),
+            &mut len,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(usize::try_from(granted).unwrap_or(0))
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_recv_buffer(_socket: &UdpSocket, _bytes: usize) -> io::Result<usize> {
+    Ok(0)
+}
+
+/// The socket's kernel drop counter: the last column of its row in
+/// /proc/net/udp or /proc/net/udp6, found by the socket's inode. Zero where
+/// that is not available.
+pub fn kernel_drops(socket: &UdpSocket) -> u64 {
+    kernel_drops_linux(socket).unwrap_or(0)
+}
+
+#[cfg(target_os = "linux")]
+fn kernel_drops_linux(socket: &UdpSocket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd()))
+        .ok()?
+        .ino();
+    let inode = inode.to_string();
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            // Columns: sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+            if columns.get(9) == Some(&inode.as_str()) {
+                return columns.last()?.parse().ok();
+            }
+        }
+    }
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+fn kernel_drops_linux(_socket: &UdpSocket) -> Option<u64> {
+    None
+}
+
+/// One `--allow` entry: an address and prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                prefix_eq(&net.octets(), &ip.octets(), self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(&net.octets(), &ip.octets(), self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], prefix: u8) -> bool {
+    let (bytes, bits) = (usize::from(prefix / 8), prefix % 8);
+    if a[..bytes] != b[..bytes] {
+        return false;
+    }
+    bits == 0 || (a[bytes] ^ b[bytes]) >> (8 - bits) == 0
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an IPv4 or IPv6 address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("prefix length `{p}` must be 0 to {max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Lets at most one log line through per second, counting the rest.
+#[derive(Debug)]
+struct RateLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    const fn new() -> Self {
+        RateLimit {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Returns how many were suppressed since the last line if a line may be
+    /// logged now.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// The receive loop's state; `run` consumes it on the `receiver` thread.
+pub struct Receiver {
+    socket: UdpSocket,
+    /// Chunks of readings for the persister.
+    tx: Sender<Vec<Reading>>,
+    /// A chunk is sent once it holds this many readings, or when the socket
+    /// has nothing more to read.
+    chunk_size: usize,
+    /// Sources allowed to send; empty means everyone.
+    allow: Vec<Cidr>,
+    ledger: Arc<Ledger>,
+    shutdown: Shutdown,
+    /// One rate limit per rejection reason, and one for denied sources.
+    rejection_logs: [RateLimit; Rejection::KINDS],
+    denied_log: RateLimit,
+    error_log: RateLimit,
+}
+
+impl Receiver {
+    pub fn new(
+        socket: UdpSocket,
+        tx: Sender<Vec<Reading>>,
+        chunk_size: usize,
+        allow: Vec<Cidr>,
+        ledger: Arc<Ledger>,
+        shutdown: Shutdown,
+    ) -> Self {
+        Receiver {
+            socket,
+            tx,
+            chunk_size: chunk_size.max(1),
+            allow,
+            ledger,
+            shutdown,
+            rejection_logs: [const { RateLimit::new() }; Rejection::KINDS],
+            denied_log: RateLimit::new(),
+            error_log: RateLimit::new(),
+        }
+    }
+
+    /// Receives until shutdown, then reads what the kernel still holds for
+    /// the socket. Returns the readings it could not hand to the persister
+    /// (the tail), for the final flush.
+    pub fn run(mut self) -> Result<Vec<Reading>, Error> {
+        let socket_error = |what, source| Error::Socket { what, source };
+        self.socket
+            .set_read_timeout(Some(POLL))
+            .map_err(|e| socket_error("set the socket read timeout", e))?;
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut rejections = Vec::new();
+        let mut chunk = Vec::with_capacity(self.chunk_size);
+        while !self.shutdown.requested() {
+            match self.socket.recv_from(&mut buf) {
+                Ok((len, source)) => self.handle(&buf[..len], source, &mut chunk, &mut rejections),
+                Err(e) if is_timeout(&e) => continue,
+                Err(e) => {
+                    self.log_error(&e);
+                    continue;
+                }
+            }
+            // Take whatever else is already waiting, without blocking, so a
+            // burst becomes one chunk and one wake-up of the persister.
+            self.socket
+                .set_nonblocking(true)
+                .map_err(|e| socket_error("set non-blocking", e))?;
+            while chunk.len() < self.chunk_size {
+                match self.socket.recv_from(&mut buf) {
+                    Ok((len, source)) => {
+                        self.handle(&buf[..len], source, &mut chunk, &mut rejections)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => self.log_error(&e),
+                }
+            }
+            self.socket
+                .set_nonblocking(false)
+                .map_err(|e| socket_error("set blocking", e))?;
+            if !chunk.is_empty() {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(self.chunk_size));
+                if let Some(unsent) = self.hand_over(full) {
+                    chunk = unsent;
+                    break;
+                }
+            }
+        }
+        // Stopping: what the kernel already holds was received, so keep it.
+        self.socket
+            .set_nonblocking(true)
+            .map_err(|e| socket_error("set non-blocking", e))?;
+        let before = self.ledger.snapshot(0).received;
+        loop {
+            match self.socket.recv_from(&mut buf) {
+                Ok((len, source)) => self.handle(&buf[..len], source, &mut chunk, &mut rejections),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => self.log_error(&e),
+            }
+        }
+        let drained = self.ledger.snapshot(0).received - before;
+        info!("stopped receiving; read {drained} datagrams still queued in the socket");
+        Ok(chunk)
+    }
+
+    /// Sends a chunk to the persister, waiting while the channel is full.
+    /// Gives the chunk back if shutdown is requested meanwhile.
+    fn hand_over(&self, chunk: Vec<Reading>) -> Option<Vec<Reading>> {
+        let len = chunk.len() as u64;
+        Ledger::add(&self.ledger.queued, len);
+        let mut chunk = chunk;
+        loop {
+            match self.tx.send_timeout(chunk, POLL) {
+                Ok(()) => return None,
+                Err(SendTimeoutError::Timeout(back)) if !self.shutdown.requested() => chunk = back,
+                Err(SendTimeoutError::Timeout(back) | SendTimeoutError::Disconnected(back)) => {
+                    Ledger::sub(&self.ledger.queued, len);
+                    return Some(back);
+                }
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        datagram: &[u8],
+        source: SocketAddr,
+        chunk: &mut Vec<Reading>,
+        rejections: &mut Vec<Rejection>,
+    ) {
+        if !self.allow.is_empty() && !self.allow.iter().any(|cidr| cidr.contains(source.ip())) {
+            Ledger::add(&self.ledger.denied, 1);
+            if let Some(suppressed) = self.denied_log.allow() {
+                warn!(
+                    "denied datagram from {source}: not in --allow{}",
+                    suppressed_note(suppressed)
+                );
+            }
+            return;
+        }
+        Ledger::add(&self.ledger.received, 1);
+        let before = chunk.len();
+        parse_datagram(datagram, unix_now(), chunk, rejections);
+        Ledger::add(&self.ledger.accepted, (chunk.len() - before) as u64);
+        for rejection in rejections.drain(..) {
+            self.ledger.count_rejection(rejection);
+            if let Some(suppressed) = self.rejection_logs[rejection.index()].allow() {
+                warn!(
+                    "rejected reading from {source}: {rejection}{}",
+                    suppressed_note(suppressed)
+                );
+            } else {
+                debug!("rejected reading from {source}: {rejection}");
+            }
+        }
+    }
+
+    fn log_error(&mut self, e: &io::Error) {
+        if let Some(suppressed) = self.error_log.allow() {
+            warn!(
+                "receive failed: {}{}",
+                error::io_cause(e),
+                suppressed_note(suppressed)
+            );
+        }
+    }
+}
+
+fn suppressed_note(suppressed: u64) -> String {
+    if suppressed == 0 {
+        String::new()
+    } else {
+        format!(" ({suppressed} similar lines suppressed)")
+    }
+}
+
+/// A blocking receive with a timeout reports WouldBlock on Unix, TimedOut
+/// elsewhere.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Now as unix seconds.
+pub fn unix_now() -> f64 {
+    // Before 1970 only on a broken clock; 0 then keeps the reading valid.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CIDR parsing and matching, including IPv4-mapped IPv6 peers.
+    #[test]
+    fn cidr_matching() {
+        let net: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let host: Cidr = "127.0.0.1".parse().unwrap();
+        assert!(host.contains("127.0.0.1".parse().unwrap()));
+        assert!(!host.contains("127.0.0.2".parse().unwrap()));
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(!v6.contains("fe80::1".parse().unwrap()));
+        let odd: Cidr = "192.168.1.128/25".parse().unwrap();
+        assert!(odd.contains("192.168.1.200".parse().unwrap()));
+        assert!(!odd.contains("192.168.1.100".parse().unwrap()));
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense/8".parse::<Cidr>().is_err());
+    }
+}

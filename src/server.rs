@@ -1,0 +1,161 @@
+//! `sensord serve`: wires the receiver and persister threads to a socket
+//! and a store, logs counters while they run, and hands over to the
+//! shutdown guard when asked to stop.
+
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{error, info};
+
+use crate::error::Error;
+use crate::ledger::{Counts, Ledger};
+use crate::persister::{BatchConfig, BatchIds, FlushReport, Persister, ShutdownGuard};
+use crate::receiver::{self, Cidr, Receiver};
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+
+/// The most readings in one chunk handed from receiver to persister.
+const CHUNK: usize = 1024;
+
+/// How the daemon runs, from the command line.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub batch: BatchConfig,
+    /// The most readings queued between receiver and persister.
+    pub queue_capacity: usize,
+    /// How often to log counters; zero turns it off.
+    pub stats_interval: Duration,
+    /// Sources allowed to send; empty allows all.
+    pub allow: Vec<Cidr>,
+    /// Where the final flush writes what it cannot commit.
+    pub spill_path: PathBuf,
+}
+
+/// What a run did, for the shutdown line and the exit code.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub counts: Counts,
+    pub flush: FlushReport,
+}
+
+impl Outcome {
+    /// The one line logged at exit.
+    pub fn shutdown_line(&self) -> String {
+        let c = &self.counts;
+        format!(
+            "shutdown complete: received={} accepted={} rejected={} persisted={} \
+             flushed_at_shutdown={} denied={} kernel_drops={} spilled={}",
+            c.received,
+            c.accepted,
+            c.rejected,
+            c.persisted,
+            c.flushed_at_shutdown,
+            c.denied,
+            c.kernel_drops,
+            c.spilled
+        )
+    }
+}
+
+/// Runs the daemon on `socket` until `shutdown` is triggered, then flushes
+/// everything in flight. The socket and trigger are parameters so tests can
+/// bind `127.0.0.1:0` and stop it themselves.
+pub fn run(
+    socket: UdpSocket,
+    store: Box<dyn Store>,
+    config: Config,
+    shutdown: Shutdown,
+) -> Result<Outcome, Error> {
+    let ledger = Arc::new(Ledger::default());
+    let chunk = CHUNK.min(config.queue_capacity.max(1));
+    let (tx, rx) = crossbeam_channel::bounded((config.queue_capacity / chunk).max(1));
+    let counter_socket = socket.try_clone().map_err(|source| Error::Socket {
+        what: "clone the socket",
+        source,
+    })?;
+    let local = socket.local_addr().map_err(|source| Error::Socket {
+        what: "read the bound address",
+        source,
+    })?;
+    let interrupt = Arc::new(store.interrupter());
+    let store = Arc::new(Mutex::new(store));
+    let salvage = Arc::new(Mutex::new(Vec::new()));
+    let ids = Arc::new(Mutex::new(BatchIds::new()));
+
+    let persister = Persister::new(
+        rx.clone(),
+        Arc::clone(&store),
+        config.batch.clone(),
+        Arc::clone(&ids),
+        Arc::clone(&ledger),
+        shutdown.clone(),
+        Arc::clone(&salvage),
+    );
+    let receiver = Receiver::new(
+        socket,
+        tx,
+        chunk,
+        config.allow.clone(),
+        Arc::clone(&ledger),
+        shutdown.clone(),
+    );
+    let mut guard = ShutdownGuard {
+        receiver: None,
+        persister: None,
+        rx,
+        store,
+        interrupt,
+        salvage,
+        ids,
+        ledger: Arc::clone(&ledger),
+        shutdown: shutdown.clone(),
+        spill_path: config.spill_path.clone(),
+        report: None,
+    };
+    guard.persister = Some(spawn("persister", move || persister.run())?);
+    guard.receiver = Some(spawn("receiver", move || receiver.run())?);
+
+    if config.allow.is_empty() {
+        info!("accepting datagrams from any source (use --allow CIDR to restrict)");
+    } else {
+        let list: Vec<String> = config.allow.iter().map(Cidr::to_string).collect();
+        info!("accepting datagrams only from {}", list.join(", "));
+    }
+    info!("listening on {local}");
+
+    let mut next_stats = Instant::now() + config.stats_interval;
+    while !shutdown.requested() {
+        thread::sleep(Duration::from_millis(50));
+        let finished = |h: Option<bool>| h.unwrap_or(false);
+        if finished(guard.persister.as_ref().map(|h| h.is_finished()))
+            || finished(guard.receiver.as_ref().map(|h| h.is_finished()))
+        {
+            error!("a worker thread stopped unexpectedly; shutting down");
+            break;
+        }
+        if !config.stats_interval.is_zero() && Instant::now() >= next_stats {
+            next_stats += config.stats_interval;
+            info!(
+                "stats: {}",
+                ledger.snapshot(receiver::kernel_drops(&counter_socket))
+            );
+        }
+    }
+    info!("stopping: draining the socket and flushing what is queued");
+    let flush = guard.finish();
+    let counts = ledger.snapshot(receiver::kernel_drops(&counter_socket));
+    Ok(Outcome { counts, flush })
+}
+
+fn spawn<T: Send + 'static>(
+    name: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<thread::JoinHandle<T>, Error> {
+    thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|source| Error::Thread { name, source })
+}

@@ -1,0 +1,87 @@
+//! Where readings end up. The small `Store` trait is all the persister and
+//! `stats` know; `open` picks the implementation once, from `--db`.
+//!
+//! Stores know SQL, never channels or sockets.
+
+use crate::error::Error;
+use crate::reading::Reading;
+
+pub mod sqlite;
+
+/// Identifies one batch across retries, so a store whose commit outcome can
+/// be unknown (a network database) can tell whether it already landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchId {
+    /// Random per process run.
+    pub run: u64,
+    /// Counts batches within the run.
+    pub seq: u64,
+}
+
+/// Aborts whatever the store is doing right now, from another thread.
+pub type Interrupter = Box<dyn Fn() + Send + Sync>;
+
+/// A database that stores readings.
+pub trait Store: Send {
+    /// Commits `readings` in one transaction: all of them or none.
+    fn write_batch(&mut self, id: BatchId, readings: &[Reading]) -> Result<(), Error>;
+
+    /// Commits the readings of a spill file in one transaction, recording
+    /// `key` with them. Returns false, writing nothing, if `key` was already
+    /// imported: replay is idempotent across a crash before the file's removal.
+    fn import_spill(&mut self, key: &str, readings: &[Reading]) -> Result<bool, Error>;
+
+    /// A handle that makes the current or next operation fail promptly.
+    fn interrupter(&self) -> Interrupter;
+
+    /// Totals and per-sensor aggregates, for `sensord stats`.
+    fn summary(&mut self) -> Result<Summary, Error>;
+}
+
+/// What `sensord stats` reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub readings: u64,
+    /// Earliest and latest `ingested_at`, if there are readings.
+    pub span: Option<(f64, f64)>,
+    /// One entry per sensor, in ascending `sensor_id` order.
+    pub per_sensor: Vec<SensorSummary>,
+}
+
+/// Aggregates for one sensor.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SensorSummary {
+    pub sensor_id: i64,
+    pub readings: u64,
+    pub temperature: MinAvgMax,
+    pub humidity: MinAvgMax,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MinAvgMax {
+    pub min: f64,
+    pub avg: f64,
+    pub max: f64,
+}
+
+/// Opens the store `db` names, creating its schema if missing.
+pub fn open(db: &str, options: &Options) -> Result<Box<dyn Store>, Error> {
+    Ok(Box::new(sqlite::SqliteStore::open(db, options)?))
+}
+
+/// Opens the store `db` names for reading only; it must exist.
+pub fn open_existing(db: &str) -> Result<Box<dyn Store>, Error> {
+    Ok(Box::new(sqlite::SqliteStore::open_existing(db)?))
+}
+
+/// Store settings from the command line.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How long a write waits for a lock held by another writer.
+    pub busy_timeout: std::time::Duration,
+}
+
+/// True if `db` names a PostgreSQL server rather than a SQLite file.
+pub fn is_url(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}

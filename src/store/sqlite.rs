@@ -1,0 +1,246 @@
+//! The embedded default: one SQLite file in WAL mode.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use super::{BatchId, Interrupter, MinAvgMax, Options, SensorSummary, Store, Summary};
+use crate::error::Error;
+use crate::reading::Reading;
+
+/// The schema version this build writes, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS sensor_measurements (
+        sensor_id   INTEGER NOT NULL,
+        temperature REAL    NOT NULL,
+        humidity    REAL    NOT NULL,
+        ingested_at REAL    NOT NULL,
+        received_at REAL    NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS sensor_measurements_sensor_time
+        ON sensor_measurements (sensor_id, ingested_at);
+    CREATE TABLE IF NOT EXISTS sensord_spill_imports (
+        spill_key   TEXT PRIMARY KEY,
+        readings    INTEGER NOT NULL,
+        imported_at REAL    NOT NULL
+    );
+";
+
+const INSERT: &str = "INSERT INTO sensor_measurements \
+    (sensor_id, temperature, humidity, ingested_at, received_at) VALUES (?1, ?2, ?3, ?4, ?5)";
+
+/// A SQLite database file.
+pub struct SqliteStore {
+    conn: Connection,
+    /// The path as given, for messages.
+    path: String,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the file at `path` for writing.
+    pub fn open(path: &str, options: &Options) -> Result<Self, Error> {
+        let open_error = |e: rusqlite::Error| Error::Open {
+            db: path.to_string(),
+            cause: cause(&e),
+        };
+        let mut conn = Connection::open(path).map_err(open_error)?;
+        conn.busy_timeout(options.busy_timeout)
+            .map_err(open_error)?;
+        // WAL lets readers (sqlite3, `sensord stats`) work while we write;
+        // NORMAL syncs at checkpoints, not every commit, which WAL keeps safe
+        // against corruption (a power cut can lose only the last commits).
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
+            .map_err(open_error)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_error)?;
+        // 64 MiB of page cache keeps the index pages a batch touches in memory.
+        conn.pragma_update(None, "cache_size", -65536)
+            .map_err(open_error)?;
+        migrate(&mut conn).map_err(|e| match e {
+            Migration::Sql(e) => open_error(e),
+            Migration::TooNew(version) => Error::Open {
+                db: path.to_string(),
+                cause: format!(
+                    "schema version {version} is newer than this sensord supports \
+                     ({SCHEMA_VERSION})"
+                ),
+            },
+        })?;
+        Ok(SqliteStore {
+            conn,
+            path: path.to_string(),
+        })
+    }
+
+    /// Opens an existing file read-only, for `stats`.
+    pub fn open_existing(path: &str) -> Result<Self, Error> {
+        let open_error = |cause: String| Error::Open {
+            db: path.to_string(),
+            cause,
+        };
+        if !Path::new(path).exists() {
+            return Err(open_error("no such file".to_string()));
+        }
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| open_error(cause(&e)))?;
+        Ok(SqliteStore {
+            conn,
+            path: path.to_string(),
+        })
+    }
+
+    fn insert_all(tx: &rusqlite::Transaction<'_>, readings: &[Reading]) -> rusqlite::Result<()> {
+        let mut insert = tx.prepare_cached(INSERT)?;
+        for r in readings {
+            insert.execute(params![
+                r.sensor_id,
+                r.temperature,
+                r.humidity,
+                r.ingested_at,
+                r.received_at
+            ])?;
+        }
+        Ok(())
+    }
+}
+
+enum Migration {
+    Sql(rusqlite::Error),
+    TooNew(i64),
+}
+
+/// Creates or upgrades the schema under a write lock, so several processes
+/// opening a new file at once do it once.
+fn migrate(conn: &mut Connection) -> Result<(), Migration> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(Migration::Sql)?;
+    let version: i64 = tx
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(Migration::Sql)?;
+    if version > SCHEMA_VERSION {
+        return Err(Migration::TooNew(version));
+    }
+    if version < SCHEMA_VERSION {
+        tx.execute_batch(SCHEMA).map_err(Migration::Sql)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(Migration::Sql)?;
+    }
+    tx.commit().map_err(Migration::Sql)
+}
+
+/// rusqlite's message without its error-code prefix where it has one.
+fn cause(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(_, Some(message)) => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn unix_now() -> f64 {
+    // The clock is after 1970 on any machine that can run this.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Store for SqliteStore {
+    fn write_batch(&mut self, _id: BatchId, readings: &[Reading]) -> Result<(), Error> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("store::write_batch", |message| Err(Error::database(
+            format!("cannot write batch to {}", self.path),
+            message.unwrap_or_else(|| "injected failure".to_string())
+        )));
+        let what = || format!("cannot write {} readings to {}", readings.len(), self.path);
+        // IMMEDIATE takes the write lock up front, so waiting for another
+        // writer happens here, bounded by busy_timeout, not mid-batch.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| Error::database(what(), cause(&e)))?;
+        Self::insert_all(&tx, readings).map_err(|e| Error::database(what(), cause(&e)))?;
+        tx.commit().map_err(|e| Error::database(what(), cause(&e)))
+    }
+
+    fn import_spill(&mut self, key: &str, readings: &[Reading]) -> Result<bool, Error> {
+        let what = || format!("cannot import spill file into {}", self.path);
+        let sql_error = |e: rusqlite::Error| Error::database(what(), cause(&e));
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_error)?;
+        let seen = tx
+            .query_row(
+                "SELECT 1 FROM sensord_spill_imports WHERE spill_key = ?1",
+                [key],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(sql_error)?;
+        if seen.is_some() {
+            return Ok(false);
+        }
+        Self::insert_all(&tx, readings).map_err(sql_error)?;
+        tx.execute(
+            "INSERT INTO sensord_spill_imports (spill_key, readings, imported_at) VALUES (?1, ?2, ?3)",
+            params![key, readings.len() as i64, unix_now()],
+        )
+        .map_err(sql_error)?;
+        tx.commit().map_err(sql_error)?;
+        Ok(true)
+    }
+
+    fn interrupter(&self) -> Interrupter {
+        let handle = self.conn.get_interrupt_handle();
+        Box::new(move || handle.interrupt())
+    }
+
+    fn summary(&mut self) -> Result<Summary, Error> {
+        let sql_error =
+            |e: rusqlite::Error| Error::database(format!("cannot read {}", self.path), cause(&e));
+        let (readings, first, last): (i64, Option<f64>, Option<f64>) = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*), MIN(ingested_at), MAX(ingested_at) FROM sensor_measurements",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .map_err(sql_error)?;
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT sensor_id, COUNT(*), MIN(temperature), AVG(temperature), MAX(temperature),
+                        MIN(humidity), AVG(humidity), MAX(humidity)
+                 FROM sensor_measurements GROUP BY sensor_id ORDER BY sensor_id",
+            )
+            .map_err(sql_error)?;
+        let per_sensor = statement
+            .query_map([], |row| {
+                Ok(SensorSummary {
+                    sensor_id: row.get(0)?,
+                    readings: row.get::<_, i64>(1)? as u64,
+                    temperature: MinAvgMax {
+                        min: row.get(2)?,
+                        avg: row.get(3)?,
+                        max: row.get(4)?,
+                    },
+                    humidity: MinAvgMax {
+                        min: row.get(5)?,
+                        avg: row.get(6)?,
+                        max: row.get(7)?,
+                    },
+                })
+            })
+            .map_err(sql_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql_error)?;
+        Ok(Summary {
+            readings: readings as u64,
+            span: first.zip(last),
+            per_sensor,
+        })
+    }
+}
