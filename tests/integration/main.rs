@@ -1,0 +1,6 @@
+//! End-to-end tests of the real `sensord` binary on loopback, asserting on
+//! rows in real databases and on exit codes. One test binary, as ripgrep
+//! does, so the binary is built once.
+
+mod serve;
+mod util;

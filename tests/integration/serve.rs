@@ -1,0 +1,370 @@
+//! The core daemon: what is sent is stored, exactly, and stopping flushes.
+
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use crate::util::*;
+
+const EXIT: Duration = Duration::from_secs(30);
+
+/// Sends precise readings, stops the server with `sig`, and checks every
+/// value landed bit for bit.
+fn sent_readings_are_stored_exactly(sig: i32) {
+    let scratch = Scratch::new();
+    let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
+    let sent = precise_readings(2000);
+    send_datagrams(server.addr, sent.iter().map(|s| s.text.as_bytes()));
+    let status = server.stop_with(sig, EXIT);
+    assert!(
+        status.success(),
+        "exit {status}; log:\n{}",
+        server.log_text()
+    );
+    let counts = server.shutdown_counts();
+    assert_eq!(counts["received"], 2000);
+    assert_eq!(counts["accepted"], 2000);
+    assert_eq!(counts["persisted"], 2000);
+
+    let mut stored = rows(&scratch.db);
+    assert_eq!(stored.len(), sent.len());
+    // Rows may be reordered within a batch; match them by ingested_at.
+    stored.sort_by(|a, b| a.ingested_at.total_cmp(&b.ingested_at));
+    for (row, want) in stored.iter().zip(&sent) {
+        assert_eq!(row.sensor_id, want.sensor_id);
+        assert_eq!(
+            row.temperature.to_bits(),
+            want.temperature.to_bits(),
+            "{}",
+            want.text
+        );
+        assert_eq!(
+            row.humidity.to_bits(),
+            want.humidity.to_bits(),
+            "{}",
+            want.text
+        );
+        assert_eq!(
+            row.ingested_at.to_bits(),
+            want.ingested_at.to_bits(),
+            "{}",
+            want.text
+        );
+        assert!(
+            row.received_at > 1.7e9,
+            "received_at is the receive time: {row:?}"
+        );
+    }
+}
+
+/// N readings sent are N rows after SIGINT, bit-exact.
+#[test]
+fn sigint_stores_every_reading_exactly() {
+    sent_readings_are_stored_exactly(libc::SIGINT);
+}
+
+/// N readings sent are N rows after SIGTERM, bit-exact.
+#[test]
+fn sigterm_stores_every_reading_exactly() {
+    sent_readings_are_stored_exactly(libc::SIGTERM);
+}
+
+/// With a huge batch and flush interval nothing commits while running; the
+/// shutdown guard flushes all of it in one final transaction.
+#[test]
+fn guard_flushes_everything_queued() {
+    let scratch = Scratch::new();
+    let mut server = Server::start(
+        scratch.path(),
+        &[
+            "--db",
+            scratch.db_arg(),
+            "--flush-interval",
+            "1h",
+            "--batch-size",
+            "1000000",
+            "--stats-interval",
+            "50ms",
+        ],
+    );
+    let addr = server.addr.to_string();
+    let out = run(
+        &[
+            "send",
+            "--to",
+            &addr,
+            "--interval",
+            "0",
+            "--count",
+            "5000",
+            "--seed",
+            "7",
+        ],
+        scratch.path(),
+    );
+    assert!(out.status.success());
+    server.wait_for_accepted(5000, Duration::from_secs(20));
+    assert_eq!(
+        row_count(&scratch.db),
+        0,
+        "nothing is committed before the signal"
+    );
+    let status = server.stop_with(libc::SIGTERM, EXIT);
+    assert!(status.success(), "log:\n{}", server.log_text());
+    let counts = server.shutdown_counts();
+    assert_eq!(counts["flushed_at_shutdown"], 5000);
+    assert_eq!(counts["persisted"], 5000);
+    assert_eq!(row_count(&scratch.db), 5000);
+}
+
+/// One datagram per rejection reason, each between good ones: exactly the
+/// good ones are stored, each bad one is counted, and serving goes on.
+#[test]
+fn bad_datagrams_are_counted_and_good_ones_stored() {
+    let scratch = Scratch::new();
+    let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
+    let good = |id: i64| format!(r#"{{"sensor_id": {id}, "temperature": 20.5, "humidity": 5}}"#);
+    let bad: Vec<Vec<u8>> = vec![
+        b"\xff\xfe not utf-8".to_vec(),
+        b"{not json".to_vec(),
+        b"42".to_vec(),
+        br#"{"temperature": 1, "humidity": 2}"#.to_vec(),
+        br#"{"sensor_id": "x", "temperature": 1, "humidity": 2}"#.to_vec(),
+        br#"{"sensor_id": 1, "temperature": 1, "humidity": 2, "ingested_at": -5}"#.to_vec(),
+        br#"{"sensor_id": 99999999999999999999, "temperature": 1, "humidity": 2}"#.to_vec(),
+        Vec::new(),
+        vec![b'['; 60_000],
+    ];
+    let mut datagrams = Vec::new();
+    for (i, b) in bad.iter().enumerate() {
+        datagrams.push(good(i as i64).into_bytes());
+        datagrams.push(b.clone());
+    }
+    datagrams.push(good(1000).into_bytes());
+    send_datagrams(server.addr, &datagrams);
+    let status = server.stop_with(libc::SIGINT, EXIT);
+    assert!(status.success(), "log:\n{}", server.log_text());
+    let counts = server.shutdown_counts();
+    assert_eq!(counts["received"], datagrams.len() as u64);
+    assert_eq!(counts["rejected"], bad.len() as u64);
+    assert_eq!(counts["accepted"], bad.len() as u64 + 1);
+    let mut ids: Vec<i64> = rows(&scratch.db).iter().map(|r| r.sensor_id).collect();
+    ids.sort();
+    let mut want: Vec<i64> = (0..bad.len() as i64).collect();
+    want.push(1000);
+    assert_eq!(ids, want);
+    let log = server.log_text();
+    for reason in [
+        "not UTF-8",
+        "not JSON",
+        "not a JSON object",
+        "missing field `sensor_id`",
+        "wrong type for `sensor_id`",
+        "`ingested_at` out of range",
+    ] {
+        assert!(log.contains(reason), "no WARN for {reason}; log:\n{log}");
+    }
+}
+
+/// A flood of one bad kind is logged at most about once per second.
+#[test]
+fn rejection_warnings_are_rate_limited() {
+    let scratch = Scratch::new();
+    let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
+    send_datagrams(server.addr, (0..5000).map(|_| b"garbage".as_slice()));
+    let status = server.stop_with(libc::SIGTERM, EXIT);
+    assert!(status.success());
+    assert_eq!(server.shutdown_counts()["rejected"], 5000);
+    let warnings = server
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("not JSON"))
+        .count();
+    assert!(
+        (1..=10).contains(&warnings),
+        "{warnings} warning lines for one flood"
+    );
+}
+
+/// The valid elements of an array are stored; each invalid one is rejected.
+#[test]
+fn arrays_store_their_valid_elements() {
+    let scratch = Scratch::new();
+    let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
+    let datagram = r#"  [{"sensor_id": 1, "temperature": 1.5, "humidity": 2, "ingested_at": 100},
+        {"sensor_id": 2, "temperature": 2.5, "humidity": 3},
+        "nope",
+        {"sensor_id": 3, "temperature": true, "humidity": 3},
+        {"sensor_id": 4, "temperature": 4.5, "humidity": 5, "unknown": [1, {"a": 2}]}]
+    "#;
+    send_datagrams(server.addr, [datagram]);
+    let status = server.stop_with(libc::SIGTERM, EXIT);
+    assert!(status.success());
+    let counts = server.shutdown_counts();
+    assert_eq!(
+        (counts["received"], counts["accepted"], counts["rejected"]),
+        (1, 3, 2)
+    );
+    let stored = rows(&scratch.db);
+    let mut ids: Vec<i64> = stored.iter().map(|r| r.sensor_id).collect();
+    ids.sort();
+    assert_eq!(ids, [1, 2, 4]);
+    let first = stored.iter().find(|r| r.sensor_id == 1).unwrap();
+    assert_eq!(first.ingested_at, 100.0);
+    let second = stored.iter().find(|r| r.sensor_id == 2).unwrap();
+    assert_eq!(
+        second.ingested_at, second.received_at,
+        "missing ingested_at is the receive time"
+    );
+}
+
+/// `stats --json` agrees with what was sent, and the table shows the totals.
+#[test]
+fn stats_agree_with_the_rows() {
+    let scratch = Scratch::new();
+    let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
+    let sent = precise_readings(500);
+    send_datagrams(server.addr, sent.iter().map(|s| s.text.as_bytes()));
+    assert!(server.stop_with(libc::SIGTERM, EXIT).success());
+
+    let mut want: BTreeMap<i64, Vec<&Sent>> = BTreeMap::new();
+    for s in &sent {
+        want.entry(s.sensor_id).or_default().push(s);
+    }
+    let out = run(
+        &["stats", "--db", scratch.db_arg(), "--json"],
+        scratch.path(),
+    );
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["readings"], 500);
+    assert_eq!(json["sensors"], want.len());
+    let per_sensor = json["per_sensor"].as_array().unwrap();
+    assert_eq!(per_sensor.len(), want.len());
+    for (entry, (id, readings)) in per_sensor.iter().zip(&want) {
+        assert_eq!(entry["sensor_id"], *id);
+        assert_eq!(entry["readings"], readings.len());
+        let min = readings
+            .iter()
+            .map(|s| s.temperature)
+            .fold(f64::INFINITY, f64::min);
+        let max = readings
+            .iter()
+            .map(|s| s.humidity)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let avg = readings.iter().map(|s| s.temperature).sum::<f64>() / readings.len() as f64;
+        assert_eq!(entry["temperature"]["min"].as_f64().unwrap(), min);
+        assert_eq!(entry["humidity"]["max"].as_f64().unwrap(), max);
+        assert!((entry["temperature"]["avg"].as_f64().unwrap() - avg).abs() < 1e-9);
+    }
+
+    let out = run(&["stats", "--db", scratch.db_arg()], scratch.path());
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("readings: 500"), "{table}");
+    assert!(
+        table.contains(&format!("sensors:  {}", want.len())),
+        "{table}"
+    );
+}
+
+/// A port already in use: exit 1 and one clear line, no panic.
+#[test]
+fn bind_error_is_one_line_and_exit_1() {
+    let scratch = Scratch::new();
+    let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(
+        &["serve", "--bind", &addr, "--db", scratch.db_arg()],
+        scratch.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "error: cannot bind {addr}: Address already in use"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+}
+
+/// A database that cannot be opened: exit 1 and one clear line, no panic.
+#[test]
+fn database_error_is_one_line_and_exit_1() {
+    let scratch = Scratch::new();
+    let out = run(
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--db",
+            "/nonexistent-dir/x.db",
+        ],
+        scratch.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "error: cannot open database /nonexistent-dir/x.db: unable to open database file"
+        ),
+        "{stderr}"
+    );
+    let out = run(&["stats", "--db", "/nonexistent-dir/x.db"], scratch.path());
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// Bad flags are usage errors: exit 2, clap's message.
+#[test]
+fn usage_errors_exit_2() {
+    let scratch = Scratch::new();
+    for args in [
+        &["serve", "--batch-size", "0"][..],
+        &["serve", "--flush-interval", "soon"],
+        &["send", "--sensor-ids", "9-1"],
+        &["serve", "--allow", "10.0.0.0/99"],
+        &["frobnicate"],
+    ] {
+        let out = run(args, scratch.path());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
+
+/// The client sends exactly --count readings within the --sensor-ids range.
+#[test]
+fn client_sends_count_readings_in_range() {
+    let scratch = Scratch::new();
+    let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
+    let addr = server.addr.to_string();
+    let out = run(
+        &[
+            "send",
+            "--to",
+            &addr,
+            "--interval",
+            "1ms",
+            "--count",
+            "300",
+            "--sensor-ids",
+            "5-7",
+        ],
+        scratch.path(),
+    );
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sent 300 readings"));
+    assert!(server.stop_with(libc::SIGINT, EXIT).success());
+    let stored = rows(&scratch.db);
+    assert_eq!(stored.len(), 300);
+    for row in stored {
+        assert!((5..=7).contains(&row.sensor_id));
+        assert!((1.0..35.0).contains(&row.temperature));
+        assert!((1.0..12.0).contains(&row.humidity));
+        assert!(row.ingested_at <= row.received_at);
+    }
+}
