@@ -129,6 +129,9 @@ pub fn run(
     let mut next_stats = Instant::now() + config.stats_interval;
     while !shutdown.requested() {
         thread::sleep(Duration::from_millis(50));
+        if shutdown.requested() {
+            break;
+        }
         let finished = |h: Option<bool>| h.unwrap_or(false);
         if finished(guard.persister.as_ref().map(|h| h.is_finished()))
             || finished(guard.receiver.as_ref().map(|h| h.is_finished()))

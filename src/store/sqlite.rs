@@ -1,7 +1,10 @@
 //! The embedded default: one SQLite file in WAL mode.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
@@ -37,6 +40,12 @@ pub struct SqliteStore {
     conn: Connection,
     /// The path as given, for messages.
     path: String,
+    /// How long to wait for another writer's lock before a write fails.
+    busy_timeout: Duration,
+    /// Set by the interrupter; from then on every write fails at once.
+    /// SQLite's own busy handler ignores `sqlite3_interrupt`, so the wait
+    /// for the write lock is our loop, which watches this.
+    interrupted: Arc<AtomicBool>,
 }
 
 impl SqliteStore {
@@ -69,9 +78,13 @@ impl SqliteStore {
                 ),
             },
         })?;
+        // From here on, lock waits are `begin`'s loop, which can be interrupted.
+        conn.busy_timeout(Duration::ZERO).map_err(open_error)?;
         Ok(SqliteStore {
             conn,
             path: path.to_string(),
+            busy_timeout: options.busy_timeout,
+            interrupted: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -89,7 +102,34 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             path: path.to_string(),
+            busy_timeout: Duration::from_secs(5),
+            interrupted: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Starts a write transaction, waiting up to `busy_timeout` for another
+    /// writer's lock; IMMEDIATE takes the lock up front, so a batch never
+    /// waits halfway through.
+    fn begin(&self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+        let deadline = Instant::now() + self.busy_timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if self.interrupted.load(Ordering::SeqCst) {
+                return Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERRUPT),
+                    Some("interrupted".to_string()),
+                ));
+            }
+            match rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+                {
+                    thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                result => return result,
+            }
+        }
     }
 
     fn insert_all(tx: &rusqlite::Transaction<'_>, readings: &[Reading]) -> rusqlite::Result<()> {
@@ -155,11 +195,8 @@ impl Store for SqliteStore {
             message.unwrap_or_else(|| "injected failure".to_string())
         )));
         let what = || format!("cannot write {} readings to {}", readings.len(), self.path);
-        // IMMEDIATE takes the write lock up front, so waiting for another
-        // writer happens here, bounded by busy_timeout, not mid-batch.
         let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .begin()
             .map_err(|e| Error::database(what(), cause(&e)))?;
         Self::insert_all(&tx, readings).map_err(|e| Error::database(what(), cause(&e)))?;
         tx.commit().map_err(|e| Error::database(what(), cause(&e)))
@@ -195,7 +232,11 @@ impl Store for SqliteStore {
 
     fn interrupter(&self) -> Interrupter {
         let handle = self.conn.get_interrupt_handle();
-        Box::new(move || handle.interrupt())
+        let interrupted = Arc::clone(&self.interrupted);
+        Box::new(move || {
+            interrupted.store(true, Ordering::SeqCst);
+            handle.interrupt();
+        })
     }
 
     fn summary(&mut self) -> Result<Summary, Error> {
