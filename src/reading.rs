@@ -587,4 +587,82 @@ mod tests {
             );
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn finite() -> impl Strategy<Value = f64> {
+            prop::num::f64::NORMAL
+                | prop::num::f64::SUBNORMAL
+                | prop::num::f64::ZERO
+                | prop::num::f64::NEGATIVE
+        }
+
+        fn reading() -> impl Strategy<Value = Reading> {
+            (any::<i64>(), finite(), finite(), 0.0..=MAX_INGESTED_AT).prop_map(
+                |(sensor_id, temperature, humidity, ingested_at)| Reading {
+                    sensor_id,
+                    temperature,
+                    humidity,
+                    ingested_at,
+                    received_at: NOW,
+                },
+            )
+        }
+
+        fn text(r: &Reading) -> String {
+            // Debug formatting is the shortest text that round-trips, with
+            // the sign of zero and an exponent where needed.
+            format!(
+                r#"{{"sensor_id":{},"temperature":{:?},"humidity":{:?},"ingested_at":{:?}}}"#,
+                r.sensor_id, r.temperature, r.humidity, r.ingested_at
+            )
+        }
+
+        proptest! {
+            /// Any bytes give valid readings or counted rejections, never a
+            /// panic; only an empty array gives neither.
+            #[test]
+            fn any_bytes_are_readings_or_rejections(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+                let (mut out, mut rejections) = (Vec::new(), Vec::new());
+                parse_datagram(&bytes, NOW, &mut out, &mut rejections);
+                for r in &out {
+                    prop_assert!(r.check().is_ok());
+                }
+                if out.is_empty() && rejections.is_empty() {
+                    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                    prop_assert_eq!(value, serde_json::json!([]));
+                }
+            }
+
+            /// Mutated valid datagrams are still readings or rejections.
+            #[test]
+            fn mutated_datagrams_do_not_panic(r in reading(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+                let mut bytes = text(&r).into_bytes();
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+                let (mut out, mut rejections) = (Vec::new(), Vec::new());
+                parse_datagram(&bytes, NOW, &mut out, &mut rejections);
+                prop_assert_eq!(out.len() + rejections.len(), 1);
+            }
+
+            /// Valid readings round-trip bit for bit, alone and in arrays.
+            #[test]
+            fn valid_readings_round_trip(readings in prop::collection::vec(reading(), 1..20)) {
+                let texts: Vec<String> = readings.iter().map(text).collect();
+                let datagram = format!("[{}]", texts.join(","));
+                let (mut out, mut rejections) = (Vec::new(), Vec::new());
+                parse_datagram(datagram.as_bytes(), NOW, &mut out, &mut rejections);
+                prop_assert!(rejections.is_empty());
+                prop_assert_eq!(out.len(), readings.len());
+                for (got, want) in out.iter().zip(&readings) {
+                    prop_assert_eq!(got.sensor_id, want.sensor_id);
+                    prop_assert_eq!(got.temperature.to_bits(), want.temperature.to_bits());
+                    prop_assert_eq!(got.humidity.to_bits(), want.humidity.to_bits());
+                    prop_assert_eq!(got.ingested_at.to_bits(), want.ingested_at.to_bits());
+                }
+            }
+        }
+    }
 }

@@ -115,10 +115,7 @@ impl SqliteStore {
         let mut pause = Duration::from_millis(1);
         loop {
             if self.interrupted.load(Ordering::SeqCst) {
-                return Err(rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERRUPT),
-                    Some("interrupted".to_string()),
-                ));
+                return Err(interrupted_error());
             }
             match rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate) {
                 Err(rusqlite::Error::SqliteFailure(e, _))
@@ -132,9 +129,18 @@ impl SqliteStore {
         }
     }
 
-    fn insert_all(tx: &rusqlite::Transaction<'_>, readings: &[Reading]) -> rusqlite::Result<()> {
+    /// Inserts `readings` in the open transaction `tx`, stopping early if
+    /// interrupted: `sqlite3_interrupt` alone is lost between two statements.
+    fn insert_all(
+        tx: &rusqlite::Transaction<'_>,
+        readings: &[Reading],
+        interrupted: &AtomicBool,
+    ) -> rusqlite::Result<()> {
         let mut insert = tx.prepare_cached(INSERT)?;
-        for r in readings {
+        for (i, r) in readings.iter().enumerate() {
+            if i % 1024 == 0 && interrupted.load(Ordering::Relaxed) {
+                return Err(interrupted_error());
+            }
             insert.execute(params![
                 r.sensor_id,
                 r.temperature,
@@ -145,6 +151,13 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
+
+fn interrupted_error() -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERRUPT),
+        Some("interrupted".to_string()),
+    )
 }
 
 enum Migration {
@@ -198,7 +211,7 @@ impl Store for SqliteStore {
         let tx = self
             .begin()
             .map_err(|e| Error::database(what(), cause(&e)))?;
-        Self::insert_all(&tx, readings).map_err(|e| Error::database(what(), cause(&e)))?;
+        Self::insert_all(&tx, readings, &self.interrupted).map_err(|e| Error::database(what(), cause(&e)))?;
         tx.commit().map_err(|e| Error::database(what(), cause(&e)))
     }
 
@@ -220,7 +233,7 @@ impl Store for SqliteStore {
         if seen.is_some() {
             return Ok(false);
         }
-        Self::insert_all(&tx, readings).map_err(sql_error)?;
+        Self::insert_all(&tx, readings, &self.interrupted).map_err(sql_error)?;
         tx.execute(
             "INSERT INTO sensord_spill_imports (spill_key, readings, imported_at) VALUES (?1, ?2, ?3)",
             params![key, readings.len() as i64, unix_now()],

@@ -2,5 +2,6 @@
 //! rows in real databases and on exit codes. One test binary, as ripgrep
 //! does, so the binary is built once.
 
+mod faults;
 mod serve;
 mod util;
