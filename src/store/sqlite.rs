@@ -211,7 +211,8 @@ impl Store for SqliteStore {
         let tx = self
             .begin()
             .map_err(|e| Error::database(what(), cause(&e)))?;
-        Self::insert_all(&tx, readings, &self.interrupted).map_err(|e| Error::database(what(), cause(&e)))?;
+        Self::insert_all(&tx, readings, &self.interrupted)
+            .map_err(|e| Error::database(what(), cause(&e)))?;
         tx.commit().map_err(|e| Error::database(what(), cause(&e)))
     }
 

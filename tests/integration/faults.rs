@@ -19,15 +19,19 @@ fn unique(id: u64) -> String {
 }
 
 fn spill_lines(path: &Path) -> usize {
-    fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
+    fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
 }
 
 /// Number of distinct sensor ids: equals the row count when nothing is duplicated.
 fn distinct_ids(db: &Path) -> u64 {
     let conn = rusqlite::Connection::open(db).unwrap();
-    conn.query_row("SELECT COUNT(DISTINCT sensor_id) FROM sensor_measurements", [], |r| {
-        r.get::<_, i64>(0)
-    })
+    conn.query_row(
+        "SELECT COUNT(DISTINCT sensor_id) FROM sensor_measurements",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
     .unwrap() as u64
 }
 
@@ -67,8 +71,16 @@ fn proc_drops(pid: u32) -> u64 {
 
 /// The identities the README promises, on one shutdown line.
 fn assert_ledger(counts: &HashMap<String, u64>, readings_received: u64, datagrams_sent: u64) {
-    assert_eq!(counts["accepted"] + counts["rejected"], readings_received, "{counts:?}");
-    assert_eq!(counts["accepted"], counts["persisted"] + counts["spilled"], "{counts:?}");
+    assert_eq!(
+        counts["accepted"] + counts["rejected"],
+        readings_received,
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts["accepted"],
+        counts["persisted"] + counts["spilled"],
+        "{counts:?}"
+    );
     assert_eq!(
         datagrams_sent,
         counts["received"] + counts["kernel_drops"] + counts["denied"],
@@ -83,7 +95,18 @@ fn sigterm_under_full_speed_load_balances_the_ledger() {
     let scratch = Scratch::new();
     let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
     let addr = server.addr.to_string();
-    let out = run(&["send", "--to", &addr, "--interval", "0", "--count", "200000"], scratch.path());
+    let out = run(
+        &[
+            "send",
+            "--to",
+            &addr,
+            "--interval",
+            "0",
+            "--count",
+            "200000",
+        ],
+        scratch.path(),
+    );
     assert!(out.status.success());
     // Signal at once: the server is typically still working through a backlog.
     let status = server.stop_with(libc::SIGTERM, EXIT);
@@ -102,8 +125,16 @@ fn sigkill_loses_at_most_what_was_in_memory() {
     let scratch = Scratch::new();
     let (queue, batch) = (4096u64, 2000u64);
     let args = [
-        "--db", scratch.db_arg(), "--queue-capacity", "4096", "--batch-size", "2000",
-        "--flush-interval", "200ms", "--recv-buffer", "262144",
+        "--db",
+        scratch.db_arg(),
+        "--queue-capacity",
+        "4096",
+        "--batch-size",
+        "2000",
+        "--flush-interval",
+        "200ms",
+        "--recv-buffer",
+        "262144",
     ];
     let mut next_id = 0u64;
     let mut max_loss = 0u64;
@@ -121,7 +152,9 @@ fn sigkill_loses_at_most_what_was_in_memory() {
         let n = 5000 + round * 500;
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         for i in 0..n {
-            socket.send_to(unique(next_id + i).as_bytes(), server.addr).unwrap();
+            socket
+                .send_to(unique(next_id + i).as_bytes(), server.addr)
+                .unwrap();
             if i % 200 == 0 {
                 thread::sleep(Duration::from_millis(2));
             }
@@ -131,10 +164,16 @@ fn sigkill_loses_at_most_what_was_in_memory() {
         server.wait(EXIT);
 
         let conn = rusqlite::Connection::open(&scratch.db).unwrap();
-        let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(check, "ok", "round {round}");
         let now = row_count(&scratch.db);
-        assert_eq!(distinct_ids(&scratch.db), now, "duplicates after round {round}");
+        assert_eq!(
+            distinct_ids(&scratch.db),
+            now,
+            "duplicates after round {round}"
+        );
         let loss = n - (now - before);
         // In memory: the queue (whole chunks), one chunk in the receiver's
         // hands, the persister's batch, and the socket buffer (a datagram
@@ -152,8 +191,10 @@ fn sigkill_loses_at_most_what_was_in_memory() {
 #[test]
 fn lock_held_mid_run_loses_nothing() {
     let scratch = Scratch::new();
-    let mut server =
-        Server::start(scratch.path(), &["--db", scratch.db_arg(), "--busy-timeout", "200ms"]);
+    let mut server = Server::start(
+        scratch.path(),
+        &["--db", scratch.db_arg(), "--busy-timeout", "200ms"],
+    );
     send_datagrams(server.addr, (0..1000).map(unique));
     thread::sleep(Duration::from_millis(500));
     let lock = WriteLock::take(&scratch.db);
@@ -167,7 +208,11 @@ fn lock_held_mid_run_loses_nothing() {
     thread::sleep(Duration::from_secs(1));
     let status = server.stop_with(libc::SIGTERM, EXIT);
     assert!(status.success(), "log:\n{}", server.log_text());
-    assert!(server.log_text().contains("database is locked"), "{}", server.log_text());
+    assert!(
+        server.log_text().contains("database is locked"),
+        "{}",
+        server.log_text()
+    );
     assert_eq!(row_count(&scratch.db), 5000);
     assert_eq!(distinct_ids(&scratch.db), 5000);
 }
@@ -186,8 +231,14 @@ fn lock_held_through_shutdown_spills_then_replays() {
     let status = server.stop_with(libc::SIGTERM, EXIT);
     assert_eq!(status.code(), Some(1), "log:\n{}", server.log_text());
     let counts = server.shutdown_counts();
-    assert_eq!((counts["accepted"], counts["spilled"], counts["persisted"]), (3000, 3000, 0));
-    server.wait_for_line(&format!("spilled 3000 readings to {}", spill.display()), EXIT);
+    assert_eq!(
+        (counts["accepted"], counts["spilled"], counts["persisted"]),
+        (3000, 3000, 0)
+    );
+    server.wait_for_line(
+        &format!("spilled 3000 readings to {}", spill.display()),
+        EXIT,
+    );
     assert_eq!(spill_lines(&spill), 3000);
     drop(lock);
     assert_eq!(row_count(&scratch.db), 0);
@@ -207,13 +258,29 @@ fn second_signal_abandons_a_long_final_flush() {
     let scratch = Scratch::new();
     let spill = scratch.path().join("sensors.db.spill.jsonl");
     let args = [
-        "--db", scratch.db_arg(), "--flush-interval", "1h", "--batch-size", "1000000",
-        "--stats-interval", "100ms",
+        "--db",
+        scratch.db_arg(),
+        "--flush-interval",
+        "1h",
+        "--batch-size",
+        "1000000",
+        "--stats-interval",
+        "100ms",
     ];
     let mut server = Server::start(scratch.path(), &args);
     let addr = server.addr.to_string();
-    let out =
-        run(&["send", "--to", &addr, "--interval", "0", "--count", "300000"], scratch.path());
+    let out = run(
+        &[
+            "send",
+            "--to",
+            &addr,
+            "--interval",
+            "0",
+            "--count",
+            "300000",
+        ],
+        scratch.path(),
+    );
     assert!(out.status.success());
     thread::sleep(Duration::from_millis(300));
     signal(server.pid(), libc::SIGTERM);
@@ -223,7 +290,11 @@ fn second_signal_abandons_a_long_final_flush() {
     signal(server.pid(), libc::SIGTERM);
     let status = server.wait(EXIT);
     let took = second.elapsed();
-    assert!(took < Duration::from_secs(3), "exit took {took:?}; log:\n{}", server.log_text());
+    assert!(
+        took < Duration::from_secs(3),
+        "exit took {took:?}; log:\n{}",
+        server.log_text()
+    );
     let counts = server.shutdown_counts();
     let (rows, spilled) = (row_count(&scratch.db), spill_lines(&spill) as u64);
     assert_eq!(rows + spilled, counts["accepted"], "{counts:?}");
@@ -267,7 +338,11 @@ fn persister_panic_is_flushed_by_the_guard() {
     send_datagrams(server.addr, (0..3000).map(unique));
     let status = server.wait(EXIT);
     assert_eq!(status.code(), Some(1), "log:\n{}", server.log_text());
-    assert!(server.log_text().contains("thread persister panicked"), "{}", server.log_text());
+    assert!(
+        server.log_text().contains("thread persister panicked"),
+        "{}",
+        server.log_text()
+    );
     let counts = server.shutdown_counts();
     assert_eq!(row_count(&scratch.db), counts["accepted"]);
     assert_eq!(counts["flushed_at_shutdown"], counts["accepted"]);
@@ -280,19 +355,28 @@ fn persister_panic_is_flushed_by_the_guard() {
 fn corrupt_spill_file_is_refused() {
     let scratch = Scratch::new();
     let spill = scratch.path().join("sensors.db.spill.jsonl");
-    let good = r#"{"sensor_id":1,"temperature":1.5,"humidity":2.5,"ingested_at":10.0,"received_at":11.0}"#;
+    let good =
+        r#"{"sensor_id":1,"temperature":1.5,"humidity":2.5,"ingested_at":10.0,"received_at":11.0}"#;
     fs::write(&spill, format!("{good}\n{{\"sensor_id\": oops\n{good}\n")).unwrap();
-    let out = run(&["serve", "--bind", "127.0.0.1:0", "--db", scratch.db_arg()], scratch.path());
+    let out = run(
+        &["serve", "--bind", "127.0.0.1:0", "--db", scratch.db_arg()],
+        scratch.path(),
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("error: spill file {} line 2 is not a valid reading", spill.display())),
+        stderr.contains(&format!(
+            "error: spill file {} line 2 is not a valid reading",
+            spill.display()
+        )),
         "{stderr}"
     );
     assert!(spill.exists());
 
-    let mut server =
-        Server::start(scratch.path(), &["--db", scratch.db_arg(), "--skip-bad-spill-lines"]);
+    let mut server = Server::start(
+        scratch.path(),
+        &["--db", scratch.db_arg(), "--skip-bad-spill-lines"],
+    );
     server.wait_for_line("replayed 2 readings", EXIT);
     assert!(server.stop_with(libc::SIGTERM, EXIT).success());
     assert!(!spill.exists());
@@ -305,7 +389,8 @@ fn corrupt_spill_file_is_refused() {
 fn replay_is_idempotent() {
     let scratch = Scratch::new();
     let spill = scratch.path().join("sensors.db.spill.jsonl");
-    let line = r#"{"sensor_id":5,"temperature":1.5,"humidity":2.5,"ingested_at":10.0,"received_at":11.0}"#;
+    let line =
+        r#"{"sensor_id":5,"temperature":1.5,"humidity":2.5,"ingested_at":10.0,"received_at":11.0}"#;
     fs::write(&spill, format!("{line}\n")).unwrap();
     let copy = fs::read(&spill).unwrap();
     let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
@@ -324,15 +409,21 @@ fn replay_is_idempotent() {
 #[test]
 fn kernel_drops_match_the_socket_counter() {
     let scratch = Scratch::new();
-    let mut server =
-        Server::start(scratch.path(), &["--db", scratch.db_arg(), "--recv-buffer", "4096"]);
+    let mut server = Server::start(
+        scratch.path(),
+        &["--db", scratch.db_arg(), "--recv-buffer", "4096"],
+    );
     signal(server.pid(), libc::SIGSTOP);
     send_datagrams(server.addr, (0..2000).map(unique));
     let dropped = proc_drops(server.pid());
     assert!(dropped > 0, "a 4 KiB buffer cannot hold 2000 datagrams");
     signal(server.pid(), libc::SIGCONT);
     thread::sleep(Duration::from_millis(300));
-    assert_eq!(proc_drops(server.pid()), dropped, "no drops after the burst");
+    assert_eq!(
+        proc_drops(server.pid()),
+        dropped,
+        "no drops after the burst"
+    );
     let status = server.stop_with(libc::SIGTERM, EXIT);
     assert!(status.success());
     let counts = server.shutdown_counts();
@@ -355,7 +446,8 @@ fn max_size_flood_keeps_memory_bounded() {
     let scratch = Scratch::new();
     let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
     // A valid array of readings as close to 65,507 bytes as whole elements allow.
-    let element = r#"{"sensor_id":1,"temperature":21.5,"humidity":7.2,"ingested_at":1764150000.12},"#;
+    let element =
+        r#"{"sensor_id":1,"temperature":21.5,"humidity":7.2,"ingested_at":1764150000.12},"#;
     let mut array = String::from("[");
     while array.len() + element.len() < 65_507 {
         array.push_str(element);
@@ -363,8 +455,10 @@ fn max_size_flood_keeps_memory_bounded() {
     array.pop();
     array.push(']');
     let garbage = vec![b'x'; 65_507];
-    let seconds: u64 =
-        std::env::var("SENSORD_FLOOD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    let seconds: u64 = std::env::var("SENSORD_FLOOD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
     let sent = AtomicU64::new(0);
     let until = Instant::now() + Duration::from_secs(seconds);
     thread::scope(|scope| {
@@ -409,16 +503,25 @@ fn max_size_flood_keeps_memory_bounded() {
 #[test]
 fn allowlist_denies_other_sources() {
     let scratch = Scratch::new();
-    let mut server =
-        Server::start(scratch.path(), &["--db", scratch.db_arg(), "--allow", "127.0.0.1/32"]);
+    let mut server = Server::start(
+        scratch.path(),
+        &["--db", scratch.db_arg(), "--allow", "127.0.0.1/32"],
+    );
     let outsider = UdpSocket::bind("127.0.0.2:0").unwrap();
     outsider.send_to(unique(1).as_bytes(), server.addr).unwrap();
     send_datagrams(server.addr, [unique(2)]);
     let status = server.stop_with(libc::SIGTERM, EXIT);
     assert!(status.success());
     let counts = server.shutdown_counts();
-    assert_eq!((counts["denied"], counts["received"], counts["accepted"]), (1, 1, 1));
-    assert!(server.log_text().contains("denied datagram from 127.0.0.2:"));
+    assert_eq!(
+        (counts["denied"], counts["received"], counts["accepted"]),
+        (1, 1, 1)
+    );
+    assert!(
+        server
+            .log_text()
+            .contains("denied datagram from 127.0.0.2:")
+    );
     let stored = rows(&scratch.db);
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].sensor_id, 2);
