@@ -9,7 +9,8 @@
 //! - `persister`: the batching thread (thread `persister`) and
 //!   `ShutdownGuard`, whose `Drop` is the final flush. The channel and a
 //!   `Store`, never sockets.
-//! - `store`: the `Store` trait and its SQLite implementation. SQL only.
+//! - `store`: the `Store` trait and its SQLite and PostgreSQL
+//!   implementations. SQL only.
 //! - `spill`: the spill file written when the final flush cannot commit,
 //!   and its replay at start.
 //! - `server`: `sensord serve`, wiring the above to a socket and a store.

@@ -39,9 +39,13 @@ struct ServeArgs {
     /// Address to receive datagrams on.
     #[arg(long, default_value = "0.0.0.0:12345")]
     bind: String,
-    /// SQLite file (created if missing).
+    /// SQLite file (created if missing), or a PostgreSQL URL
+    /// (postgres://user@host:port/dbname).
     #[arg(long, default_value = "sensors.db")]
     db: String,
+    /// PostgreSQL table to write (created if missing).
+    #[arg(long, default_value = store::DEFAULT_TABLE, value_parser = store::table_name)]
+    table: String,
     /// The most readings in one transaction.
     #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
@@ -93,9 +97,12 @@ struct SendArgs {
 
 #[derive(clap::Args)]
 struct StatsArgs {
-    /// SQLite file to read.
+    /// SQLite file or PostgreSQL URL to read.
     #[arg(long, default_value = "sensors.db")]
     db: String,
+    /// PostgreSQL table to read.
+    #[arg(long, default_value = store::DEFAULT_TABLE, value_parser = store::table_name)]
+    table: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -132,6 +139,7 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
         &args.db,
         &store::Options {
             busy_timeout: args.busy_timeout,
+            table: args.table,
         },
     )?;
     spill::replay(&spill_path, store.as_mut(), args.skip_bad_spill_lines)?;
@@ -169,7 +177,7 @@ fn send(args: SendArgs, shutdown: &Shutdown) -> Result<ExitCode, Error> {
 }
 
 fn show_stats(args: &StatsArgs) -> Result<ExitCode, Error> {
-    let summary = store::open_existing(&args.db)?.summary()?;
+    let summary = store::open_existing(&args.db, &args.table)?.summary()?;
     let mut out = std::io::stdout().lock();
     let written = if args.json {
         stats::write_json(&summary, &mut out)

@@ -6,7 +6,11 @@
 use crate::error::Error;
 use crate::reading::Reading;
 
+pub mod postgres;
 pub mod sqlite;
+
+/// The measurements table unless `--table` names another.
+pub const DEFAULT_TABLE: &str = "sensor_measurements";
 
 /// Identifies one batch across retries, so a store whose commit outcome can
 /// be unknown (a network database) can tell whether it already landed.
@@ -66,19 +70,58 @@ pub struct MinAvgMax {
 
 /// Opens the store `db` names, creating its schema if missing.
 pub fn open(db: &str, options: &Options) -> Result<Box<dyn Store>, Error> {
+    if is_url(db) {
+        return Ok(Box::new(postgres::PostgresStore::open(db, options)?));
+    }
+    sqlite_table(&options.table)?;
     Ok(Box::new(sqlite::SqliteStore::open(db, options)?))
 }
 
 /// Opens the store `db` names for reading only; it must exist.
-pub fn open_existing(db: &str) -> Result<Box<dyn Store>, Error> {
+pub fn open_existing(db: &str, table: &str) -> Result<Box<dyn Store>, Error> {
+    if is_url(db) {
+        return Ok(Box::new(postgres::PostgresStore::open_existing(db, table)?));
+    }
+    sqlite_table(table)?;
     Ok(Box::new(sqlite::SqliteStore::open_existing(db)?))
+}
+
+/// A SQLite file holds one fleet, always in the default table.
+fn sqlite_table(table: &str) -> Result<(), Error> {
+    if table == DEFAULT_TABLE {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "--table applies to PostgreSQL only; a SQLite file always uses {DEFAULT_TABLE}"
+        )))
+    }
+}
+
+/// Checks a `--table` value: letters, digits and underscores, not starting
+/// with a digit, at most 50 characters (so the index name derived from it
+/// fits PostgreSQL's 63).
+pub fn table_name(name: &str) -> Result<String, String> {
+    let mut chars = name.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 50;
+    if valid {
+        Ok(name.to_string())
+    } else {
+        Err("must be 1 to 50 letters, digits or underscores, not starting with a digit".into())
+    }
 }
 
 /// Store settings from the command line.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// How long a write waits for a lock held by another writer.
+    /// How long a write waits for a lock held by another writer; for
+    /// PostgreSQL, how long a connection attempt may take.
     pub busy_timeout: std::time::Duration,
+    /// The measurements table (PostgreSQL; SQLite takes only the default).
+    pub table: String,
 }
 
 /// True if `db` names a PostgreSQL server rather than a SQLite file.

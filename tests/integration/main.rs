@@ -3,5 +3,6 @@
 //! does, so the binary is built once.
 
 mod faults;
+mod postgres;
 mod serve;
 mod util;
