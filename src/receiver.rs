@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{SendTimeoutError, Sender};
+use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
 use log::{debug, info, warn};
 
 use crate::error::Error;
@@ -266,36 +266,52 @@ impl Receiver {
         let mut chunk = Vec::with_capacity(self.chunk_size);
         while !self.shutdown.requested() {
             match self.socket.recv_from(&mut buf) {
-                Ok((len, source)) => self.handle(&buf[..len], source, &mut chunk, &mut rejections),
-                Err(e) if is_timeout(&e) => continue,
-                Err(e) => {
-                    self.log_error(&e);
-                    continue;
-                }
-            }
-            // Take whatever else is already waiting, without blocking, so a
-            // burst becomes one chunk and one wake-up of the persister.
-            self.socket
-                .set_nonblocking(true)
-                .map_err(|e| socket_error("set non-blocking", e))?;
-            while chunk.len() < self.chunk_size {
-                match self.socket.recv_from(&mut buf) {
-                    Ok((len, source)) => {
-                        self.handle(&buf[..len], source, &mut chunk, &mut rejections)
+                Ok((len, source)) => {
+                    self.handle(&buf[..len], source, &mut chunk, &mut rejections);
+                    // Take whatever else is already waiting, without
+                    // blocking, so a burst becomes one chunk and one wake-up
+                    // of the persister.
+                    self.socket
+                        .set_nonblocking(true)
+                        .map_err(|e| socket_error("set non-blocking", e))?;
+                    while chunk.len() < self.chunk_size {
+                        match self.socket.recv_from(&mut buf) {
+                            Ok((len, source)) => {
+                                self.handle(&buf[..len], source, &mut chunk, &mut rejections)
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => self.log_error(&e),
+                        }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => self.log_error(&e),
+                    self.socket
+                        .set_nonblocking(false)
+                        .map_err(|e| socket_error("set blocking", e))?;
                 }
+                // A timeout still retries handing over a chunk kept below.
+                Err(e) if is_timeout(&e) => {}
+                Err(e) => self.log_error(&e),
             }
-            self.socket
-                .set_nonblocking(false)
-                .map_err(|e| socket_error("set blocking", e))?;
-            if !chunk.is_empty() {
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(self.chunk_size));
-                if let Some(unsent) = self.hand_over(full) {
-                    chunk = unsent;
-                    break;
+            if chunk.is_empty() {
+                continue;
+            }
+            if chunk.len() < self.chunk_size {
+                // A persister that is behind (the queue is full) lets small
+                // chunks grow, so --queue-capacity counts readings, not the
+                // datagrams of a trickle; a full chunk waits for room below.
+                Ledger::add(&self.ledger.queued, chunk.len() as u64);
+                match self.tx.try_send(std::mem::take(&mut chunk)) {
+                    Ok(()) => chunk = Vec::with_capacity(self.chunk_size),
+                    Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
+                        Ledger::sub(&self.ledger.queued, back.len() as u64);
+                        chunk = back;
+                    }
                 }
+                continue;
+            }
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(self.chunk_size));
+            if let Some(unsent) = self.hand_over(full) {
+                chunk = unsent;
+                break;
             }
         }
         // Stopping: what the kernel already holds was received, so keep it.
