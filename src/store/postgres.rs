@@ -283,7 +283,7 @@ impl PostgresStore {
 }
 
 /// The `COPY` statement that loads readings into `table`.
-pub fn copy_statement(table: &str) -> String {
+fn copy_statement(table: &str) -> String {
     format!(
         "COPY {} (sensor_id, temperature, humidity, ingested_at, received_at) \
          FROM STDIN (FORMAT binary)",
@@ -292,7 +292,7 @@ pub fn copy_statement(table: &str) -> String {
 }
 
 /// Streams `readings` into the table through `copy` (a `copy_statement`).
-pub fn copy_in(
+fn copy_in(
     tx: &mut Transaction<'_>,
     copy: &str,
     readings: &[Reading],
