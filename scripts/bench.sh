@@ -11,7 +11,7 @@
 #             one core while `sensord send` trickles 100 readings/s
 #   rss       peak RSS (VmHWM) of the daemon in the e2e run
 #   flush     SIGTERM -> exit with FLUSH_N readings queued
-#             (--flush-interval 1h --batch-size 1000000)
+#             (--flush-interval 1h --batch-size 2*FLUSH_N)
 # Prints one table and writes it as JSON to $BENCH_OUT.
 #
 # The sender is examples/bench_send.rs, a bare send loop over pre-formatted
@@ -51,12 +51,17 @@ cargo build --release --quiet --bin sensord --example bare_recv --example bench_
 BIN="${CARGO_TARGET_DIR:-target}/release"
 SENSORD="$BIN/sensord"
 WORK=$(mktemp -d)
-PIDS=()
+# Stops what this script started and still runs (only its own jobs).
 cleanup() {
-    for pid in "${PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; kill -KILL "$pid" 2>/dev/null || true; done
+    local pid
+    for pid in $(jobs -p); do
+        kill -CONT "$pid" 2>/dev/null || true
+        kill -KILL "$pid" 2>/dev/null || true
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'echo "bench: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 CLK_TCK=$(getconf CLK_TCK)
 
 now() { date +%s.%N; }
@@ -70,7 +75,7 @@ peak_rss_kib() { awk '/^VmHWM/ { print $2 }' "/proc/$1/status"; }
 last_write() { stat -c %.9Y "$1" "$1-wal" 2>/dev/null | sort -g | tail -1; }
 count_rows() {
     if command -v sqlite3 >/dev/null; then
-        sqlite3 "$1" 'SELECT COUNT(*) FROM sensor_measurements'
+        sqlite3 -cmd '.timeout 5000' "$1" 'SELECT COUNT(*) FROM sensor_measurements'
     else
         "$SENSORD" stats --db "$1" --json | grep -o '"readings": *[0-9]*' | tail -1 | grep -o '[0-9]*$'
     fi
@@ -95,7 +100,6 @@ start_daemon() {
     rm -f "$DDB" "$DDB-wal" "$DDB-shm"
     "$SENSORD" serve --bind 127.0.0.1:0 --db "$DDB" --stats-interval "$stats" "$@" "${SERVE_ARGS[@]}" 2>"$DLOG" &
     DPID=$!
-    PIDS+=("$DPID")
     wait_for "$DLOG" 'listening on ' "$DPID"
     DADDR=$(grep -o 'listening on [0-9.:]*' "$DLOG" | head -1 | cut -d' ' -f3)
 }
@@ -125,7 +129,7 @@ wait_committed() {
             stable=$((stable + 1))
             # Count only while nothing is being written: counting costs CPU.
             if ((stable == 2 || stable % 10 == 0)); then
-                ROWS=$(count_rows "$DDB")
+                ROWS=$(count_rows "$DDB" || echo "$ROWS")
                 ((ROWS >= $1 || stable >= 20)) && break
             fi
         else
@@ -143,7 +147,6 @@ measure_ceiling() {
     local out="$WORK/bare.out" t0 got last
     "$BIN/examples/bare_recv" 127.0.0.1:0 "$N" >"$out" &
     local pid=$!
-    PIDS+=("$pid")
     wait_for "$out" 'listening on ' "$pid"
     t0=$(now)
     "$BIN/examples/bench_send" "$(sed -n 's/listening on //p' "$out")" "$N" >/dev/null
@@ -184,7 +187,8 @@ measure_drain() {
 
 measure_flush() {
     local i received last=-1 stable=0
-    start_daemon flush 100ms --flush-interval 1h --batch-size 1000000 \
+    # A batch larger than FLUSH_N: nothing commits before the signal.
+    start_daemon flush 100ms --flush-interval 1h --batch-size $((2 * FLUSH_N)) \
         --recv-buffer "$(big_buffer "$FLUSH_N")"
     "$BIN/examples/bench_send" "$DADDR" "$FLUSH_N" >/dev/null
     # Wait until the daemon has taken every datagram (or stopped taking them).
@@ -197,8 +201,8 @@ measure_flush() {
     done
     stop_daemon
     FLUSH+=("$STOP_SECS")
-    FLUSH_Q+=("$(grep -o 'flushed_at_shutdown=[0-9]*' "$DLOG" | cut -d= -f2)")
-    FLUSH_COMMIT+=("$(grep -o 'final flush committed [0-9]* readings in [0-9.]*' "$DLOG" | awk '{ print $NF }')")
+    FLUSH_Q+=("$( (grep -o 'flushed_at_shutdown=[0-9]*' "$DLOG" || echo =0) | cut -d= -f2)")
+    FLUSH_COMMIT+=("$( (grep -o 'final flush committed [0-9]* readings in [0-9.]*' "$DLOG" || echo 0) | awk '{ print $NF }')")
 }
 
 measure_idle() {
@@ -219,8 +223,7 @@ measure_senders() {
     for sender in own bare; do
         "$BIN/examples/bare_recv" 127.0.0.1:0 "$n" >"$out" &
         pid=$!
-        PIDS+=("$pid")
-        wait_for "$out" 'listening on ' "$pid"
+            wait_for "$out" 'listening on ' "$pid"
         local to
         to=$(sed -n 's/listening on //p' "$out")
         t0=$(now)

@@ -1,0 +1,89 @@
+//! The two CPU costs of ingesting a reading, apart from the socket: parsing
+//! its datagram, and its share of one batch insert into SQLite (with the
+//! `(sensor_id, ingested_at)` index and random sensor ids, as in service).
+//! `scripts/bench.sh` measures the whole daemon.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use sensord::Reading;
+use sensord::reading::parse_datagram;
+use sensord::store::sqlite::SqliteStore;
+use sensord::store::{BatchId, Options, Store};
+
+/// A reading as `sensord send` writes it.
+const DATAGRAM: &[u8] = br#"{"sensor_id":517,"temperature":23.41508812034951,"humidity":7.025389347710512,"ingested_at":1764140501.1234567}"#;
+
+fn parse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse_datagram");
+    group.throughput(Throughput::Elements(1));
+    let (mut out, mut rejections) = (Vec::with_capacity(1), Vec::new());
+    group.bench_function("one reading", |b| {
+        b.iter(|| {
+            out.clear();
+            parse_datagram(black_box(DATAGRAM), 1_764_140_501.5, &mut out, &mut rejections);
+            black_box(&out);
+        })
+    });
+    group.finish();
+}
+
+/// Random readings from sensors 10-1000, taken one microsecond apart from
+/// `start` on.
+fn readings(rng: &mut StdRng, n: usize, start: f64) -> Vec<Reading> {
+    (0..n)
+        .map(|i| {
+            let at = start + i as f64 * 1e-6;
+            Reading {
+                sensor_id: rng.random_range(10..=1000),
+                temperature: rng.random_range(1.0..35.0),
+                humidity: rng.random_range(1.0..12.0),
+                ingested_at: at,
+                received_at: at,
+            }
+        })
+        .collect()
+}
+
+fn batch_insert(c: &mut Criterion) {
+    const BATCH: usize = 50_000;
+    let dir = tempfile::tempdir().expect("a temporary directory can be made");
+    let path = dir.path().join("bench.db");
+    let options = Options {
+        busy_timeout: Duration::from_secs(5),
+        table: "sensor_measurements".to_string(),
+    };
+    let mut store = SqliteStore::open(path.to_str().expect("temp paths are UTF-8"), &options)
+        .expect("a new database opens");
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut seq = 0;
+    let mut start = 1_764_140_000.0;
+    let mut next_batch = || {
+        seq += 1;
+        start += 1.0;
+        (BatchId { run: 1, seq }, readings(&mut rng, BATCH, start))
+    };
+    // Half a million rows first: the index is then deeper than one batch.
+    for _ in 0..10 {
+        let (id, batch) = next_batch();
+        store.write_batch(id, &batch).expect("the batch commits");
+    }
+    let mut group = c.benchmark_group("sqlite");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.sample_size(10);
+    group.bench_function("write_batch of 50000, random sensor ids", |b| {
+        b.iter_batched(
+            &mut next_batch,
+            |(id, batch)| store.write_batch(id, &batch).expect("the batch commits"),
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, parse, batch_insert);
+criterion_main!(benches);
