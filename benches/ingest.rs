@@ -25,7 +25,12 @@ fn parse(c: &mut Criterion) {
     group.bench_function("one reading", |b| {
         b.iter(|| {
             out.clear();
-            parse_datagram(black_box(DATAGRAM), 1_764_140_501.5, &mut out, &mut rejections);
+            parse_datagram(
+                black_box(DATAGRAM),
+                1_764_140_501.5,
+                &mut out,
+                &mut rejections,
+            );
             black_box(&out);
         })
     });
