@@ -69,7 +69,9 @@ fn sqlite(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("bench.db");
     let mut sink = store::open(db.to_str().unwrap(), &options(store::DEFAULT_TABLE)).unwrap();
-    bench_batches(c, "sqlite", |id, batch| sink.write_batch(id, batch).unwrap());
+    bench_batches(c, "sqlite", |id, batch| {
+        sink.write_batch(id, batch).unwrap()
+    });
 }
 
 fn postgres_copy(c: &mut Criterion) {
@@ -94,7 +96,14 @@ fn postgres_insert(c: &mut Criterion) {
     let values: Vec<String> = (0..INSERT_ROWS)
         .map(|r| {
             let p = r * 5;
-            format!("(${}, ${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4, p + 5)
+            format!(
+                "(${}, ${}, ${}, ${}, ${})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5
+            )
         })
         .collect();
     let insert = client
