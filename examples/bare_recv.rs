@@ -47,6 +47,9 @@ fn main() {
         match socket.recv_from(&mut buf) {
             Ok(_) => {
                 received += 1;
+                // As sensord stamps received_at; and a run that ends by the
+                // idle timeout still reports when its last datagram came.
+                last = SystemTime::now();
                 if received == 1 {
                     socket
                         .set_read_timeout(Some(idle))
@@ -55,9 +58,6 @@ fn main() {
             }
             Err(_) => break,
         }
-    }
-    if received > 0 {
-        last = SystemTime::now();
     }
     let last_unix = last
         .duration_since(UNIX_EPOCH)

@@ -97,7 +97,7 @@ start_daemon() {
     local name=$1 stats=$2
     shift 2
     DDB="$WORK/$name.db" DLOG="$WORK/$name.log"
-    rm -f "$DDB" "$DDB-wal" "$DDB-shm"
+    rm -f "$DDB" "$DDB-wal" "$DDB-shm" "$DLOG"
     "$SENSORD" serve --bind 127.0.0.1:0 --db "$DDB" --stats-interval "$stats" "$@" "${SERVE_ARGS[@]}" 2>"$DLOG" &
     DPID=$!
     wait_for "$DLOG" 'listening on ' "$DPID"
@@ -145,6 +145,7 @@ declare -a CEIL E2E LOSS CPU_US RSS DRAIN DRAIN_LOSS FLUSH FLUSH_COMMIT FLUSH_Q 
 
 measure_ceiling() {
     local out="$WORK/bare.out" t0 got last
+    rm -f "$out"
     "$BIN/examples/bare_recv" 127.0.0.1:0 "$N" >"$out" &
     local pid=$!
     wait_for "$out" 'listening on ' "$pid"
@@ -221,6 +222,7 @@ measure_idle() {
 measure_senders() {
     local n=$((N < 200000 ? N : 200000)) out="$WORK/check.out" t0 pid
     for sender in own bare; do
+        rm -f "$out"
         "$BIN/examples/bare_recv" 127.0.0.1:0 "$n" >"$out" &
         pid=$!
             wait_for "$out" 'listening on ' "$pid"
