@@ -115,6 +115,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    // Test builds read injected failures from the FAILPOINTS variable.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let shutdown = match register_signals() {
         Ok(shutdown) => shutdown,
         Err(e) => {

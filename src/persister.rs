@@ -3,8 +3,9 @@
 //!
 //! The persister commits a batch when it reaches `batch_size` readings or
 //! when `flush_interval` has passed since its first reading. A failed batch
-//! is kept and retried with capped exponential backoff, never dropped; while
-//! it retries the channel fills and the receiver waits.
+//! is kept and retried, under the same batch id, with capped exponential
+//! backoff, never dropped; while it retries the channel fills and the
+//! receiver waits.
 //!
 //! `ShutdownGuard` replaces the original design's `atexit` handler: dropping
 //! it commits everything still in flight in one transaction, or writes it to
@@ -25,38 +26,60 @@ use crate::shutdown::Shutdown;
 use crate::spill;
 use crate::store::{BatchId, Interrupter, Store};
 
-/// How often a waiting persister or guard looks at the shutdown trigger.
+/// How often a waiting persister looks at the shutdown trigger.
 const POLL: Duration = Duration::from_millis(100);
 /// First and largest delay between attempts to write a failed batch.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// After a second signal, how long an interrupted final flush may take to
-/// report whether it committed before its readings are spilled regardless.
-const FORCED_GRACE: Duration = Duration::from_secs(2);
+/// After a second signal, how long an interrupted write may take to return
+/// before the guard stops waiting for it and spills its readings.
+const FORCED_GRACE: Duration = Duration::from_secs(1);
 
-/// The store, shared by the persister and, at shutdown, the guard.
-pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
-
-/// Locks the store even if a panicking persister poisoned the lock: a
-/// transaction it left open was rolled back when it unwound.
-fn lock(store: &SharedStore) -> MutexGuard<'_, Box<dyn Store>> {
-    store.lock().unwrap_or_else(PoisonError::into_inner)
+/// Locks `mutex` even if a panicking thread poisoned it: every holder
+/// leaves the data consistent between statements, and a transaction a
+/// panicking persister left open was rolled back when it unwound.
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Readings the persister holds, given up to the guard when dropped, which
-/// also happens when the persister panics.
+/// Readings taken from the channel and not yet committed. Shared, and only
+/// locked briefly, so the guard can take them even from a persister that
+/// panicked or is stuck in a write.
+#[derive(Debug, Default)]
 struct Held {
+    /// Waiting for the next batch, oldest first.
     readings: Vec<Reading>,
-    /// Where a dropped `Held` leaves its readings for the guard.
-    salvage: Arc<Mutex<Vec<Reading>>>,
+    /// The batch being written, with its id: after a failed attempt a store
+    /// may not know whether it landed, so it is only ever retried under
+    /// the same id.
+    in_flight: Option<(BatchId, Arc<Vec<Reading>>)>,
 }
 
-impl Drop for Held {
-    fn drop(&mut self) {
-        if !self.readings.is_empty() {
-            let mut salvage = self.salvage.lock().unwrap_or_else(PoisonError::into_inner);
-            salvage.append(&mut self.readings);
+/// What the persister and the shutdown guard share.
+pub struct Shared {
+    store: Mutex<Box<dyn Store>>,
+    /// Obtained at start: it must work while another thread holds `store`.
+    interrupt: Interrupter,
+    held: Mutex<Held>,
+    ids: Mutex<BatchIds>,
+    ledger: Arc<Ledger>,
+    shutdown: Shutdown,
+}
+
+impl Shared {
+    pub fn new(store: Box<dyn Store>, ledger: Arc<Ledger>, shutdown: Shutdown) -> Self {
+        Shared {
+            interrupt: store.interrupter(),
+            store: Mutex::new(store),
+            held: Mutex::default(),
+            ids: Mutex::new(BatchIds::new()),
+            ledger,
+            shutdown,
         }
+    }
+
+    fn next_id(&self) -> BatchId {
+        lock(&self.ids).next()
     }
 }
 
@@ -71,13 +94,13 @@ pub struct BatchConfig {
 
 /// Issues batch ids: one random run id, then a sequence.
 #[derive(Debug)]
-pub struct BatchIds {
+struct BatchIds {
     run: u64,
     next: u64,
 }
 
 impl BatchIds {
-    pub fn new() -> Self {
+    fn new() -> Self {
         BatchIds {
             run: rand::random(),
             next: 0,
@@ -93,55 +116,26 @@ impl BatchIds {
     }
 }
 
-impl Default for BatchIds {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// The persister's state; `run` consumes it on the `persister` thread.
 pub struct Persister {
     rx: Receiver<Vec<Reading>>,
-    store: SharedStore,
+    shared: Arc<Shared>,
     config: BatchConfig,
-    ids: Arc<Mutex<BatchIds>>,
-    ledger: Arc<Ledger>,
-    shutdown: Shutdown,
-    held: Held,
 }
 
 impl Persister {
-    pub fn new(
-        rx: Receiver<Vec<Reading>>,
-        store: SharedStore,
-        config: BatchConfig,
-        ids: Arc<Mutex<BatchIds>>,
-        ledger: Arc<Ledger>,
-        shutdown: Shutdown,
-        salvage: Arc<Mutex<Vec<Reading>>>,
-    ) -> Self {
-        let held = Held {
-            readings: Vec::new(),
-            salvage,
-        };
-        Persister {
-            rx,
-            store,
-            config,
-            ids,
-            ledger,
-            shutdown,
-            held,
-        }
+    pub fn new(rx: Receiver<Vec<Reading>>, shared: Arc<Shared>, config: BatchConfig) -> Self {
+        Persister { rx, shared, config }
     }
 
     /// Commits batches until shutdown is requested or the receiver is gone.
     /// What is still queued or held then is the guard's to flush.
-    pub fn run(mut self) {
+    pub fn run(self) {
         let batch_size = self.config.batch_size.max(1);
         // When the oldest held reading arrived, if any are held.
         let mut oldest: Option<Instant> = None;
-        while !self.shutdown.requested() {
+        let mut held = 0usize;
+        while !self.shared.shutdown.requested() {
             let wait = match oldest {
                 Some(since) => self
                     .config
@@ -152,63 +146,74 @@ impl Persister {
             };
             match self.rx.recv_timeout(wait) {
                 Ok(chunk) => {
-                    self.take(chunk, &mut oldest);
-                    // Take what else is queued now, so one wake-up moves many chunks.
-                    while self.held.readings.len() < batch_size {
+                    let mut chunks = vec![chunk];
+                    // Take what else is queued now: one wake-up, one lock.
+                    while held + chunks.iter().map(Vec::len).sum::<usize>() < batch_size {
                         match self.rx.try_recv() {
-                            Ok(chunk) => self.take(chunk, &mut oldest),
+                            Ok(chunk) => chunks.push(chunk),
                             Err(_) => break,
                         }
                     }
+                    held = self.take(chunks, &mut oldest);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let due = oldest.is_some_and(|since| since.elapsed() >= self.config.flush_interval);
-            while self.held.readings.len() >= batch_size || (due && !self.held.readings.is_empty())
-            {
-                let n = self.held.readings.len().min(batch_size);
-                if !self.commit(n) {
+            while held >= batch_size || (due && held > 0) {
+                let Some(left) = self.commit(batch_size) else {
                     return;
-                }
-                oldest = (!self.held.readings.is_empty()).then(Instant::now);
-                if self.shutdown.requested() {
+                };
+                held = left;
+                oldest = (held > 0).then(Instant::now);
+                if self.shared.shutdown.requested() {
                     return;
                 }
             }
         }
     }
 
-    fn take(&mut self, mut chunk: Vec<Reading>, oldest: &mut Option<Instant>) {
-        Ledger::sub(&self.ledger.queued, chunk.len() as u64);
-        if self.held.readings.is_empty() {
+    /// Moves chunks into the held readings; returns how many are held.
+    fn take(&self, chunks: Vec<Vec<Reading>>, oldest: &mut Option<Instant>) -> usize {
+        let mut held = lock(&self.shared.held);
+        if held.readings.is_empty() {
             *oldest = Some(Instant::now());
         }
-        self.held.readings.append(&mut chunk);
+        for mut chunk in chunks {
+            Ledger::sub(&self.shared.ledger.queued, chunk.len() as u64);
+            held.readings.append(&mut chunk);
+        }
+        held.readings.len()
     }
 
-    /// Commits the first `n` held readings, retrying until it succeeds.
-    /// Returns false, keeping them held, if shutdown is requested first.
-    fn commit(&mut self, n: usize) -> bool {
-        let id = self
-            .ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .next();
+    /// Commits up to `batch_size` of the oldest held readings, retrying until
+    /// it succeeds; returns how many remain held. Returns None, leaving the
+    /// batch in flight for the guard, if shutdown is requested first.
+    fn commit(&self, batch_size: usize) -> Option<usize> {
+        let (id, batch) = {
+            let mut held = lock(&self.shared.held);
+            let n = held.readings.len().min(batch_size);
+            let batch: Arc<Vec<Reading>> = Arc::new(held.readings.drain(..n).collect());
+            let id = self.shared.next_id();
+            held.in_flight = Some((id, Arc::clone(&batch)));
+            (id, batch)
+        };
+        let n = batch.len();
         let mut delay = FIRST_BACKOFF;
         let mut attempt = 1u32;
         loop {
             #[cfg(feature = "failpoints")]
             fail::fail_point!("persister::commit");
-            let result = lock(&self.store).write_batch(id, &self.held.readings[..n]);
+            let result = lock(&self.shared.store).write_batch(id, &batch);
             match result {
                 Ok(()) => {
-                    Ledger::add(&self.ledger.persisted, n as u64);
-                    self.held.readings.drain(..n);
+                    Ledger::add(&self.shared.ledger.persisted, n as u64);
                     if attempt > 1 {
                         info!("batch of {n} readings committed after {attempt} attempts");
                     }
-                    return true;
+                    let mut held = lock(&self.shared.held);
+                    held.in_flight = None;
+                    return Some(held.readings.len());
                 }
                 Err(e) => {
                     // One line per backoff level, then one per minute at the cap.
@@ -218,11 +223,11 @@ impl Persister {
                             humantime::format_duration(delay)
                         );
                     }
-                    if !sleep_unless_shutdown(delay, &self.shutdown) {
+                    if !sleep_unless_shutdown(delay, &self.shared.shutdown) {
                         warn!(
                             "shutdown requested; leaving {n} uncommitted readings to the final flush"
                         );
-                        return false;
+                        return None;
                     }
                     delay = (delay * 2).min(MAX_BACKOFF);
                     attempt += 1;
@@ -268,8 +273,10 @@ impl FlushReport {
 }
 
 /// Owns everything still in flight: the receiver and persister threads, the
-/// channel between them, and the store. Dropping it stops the threads, then
-/// commits every uncommitted reading in ONE transaction, or spills them.
+/// channel between them, and what the persister holds. Dropping it stops
+/// the threads, then commits every uncommitted reading in ONE transaction
+/// (after retrying, under its own id, a batch whose write had failed), or
+/// spills them.
 pub struct ShutdownGuard {
     /// Joined first: its tail is what it read after the stop.
     pub receiver: Option<JoinHandle<Result<Vec<Reading>, Error>>>,
@@ -277,20 +284,32 @@ pub struct ShutdownGuard {
     pub persister: Option<JoinHandle<()>>,
     /// A second handle on the channel, so what is queued survives the
     /// persister (a panicking thread drops its own handle).
-    pub rx: Receiver<Vec<Reading>>,
-    pub store: SharedStore,
-    /// Obtained at start, since it must work while another thread holds the store.
-    pub interrupt: Arc<Interrupter>,
-    pub salvage: Arc<Mutex<Vec<Reading>>>,
-    pub ids: Arc<Mutex<BatchIds>>,
-    pub ledger: Arc<Ledger>,
-    pub shutdown: Shutdown,
-    pub spill_path: PathBuf,
+    rx: Receiver<Vec<Reading>>,
+    shared: Arc<Shared>,
+    spill_path: PathBuf,
     /// Set once the flush ran, so `Drop` after `finish` does nothing.
-    pub report: Option<FlushReport>,
+    report: Option<FlushReport>,
+}
+
+/// The readings the final flush must commit: perhaps a batch to retry
+/// under its old id, then the rest.
+struct Uncommitted {
+    retry: Option<(BatchId, Arc<Vec<Reading>>)>,
+    rest: Vec<Reading>,
 }
 
 impl ShutdownGuard {
+    pub fn new(rx: Receiver<Vec<Reading>>, shared: Arc<Shared>, spill_path: PathBuf) -> Self {
+        ShutdownGuard {
+            receiver: None,
+            persister: None,
+            rx,
+            shared,
+            spill_path,
+            report: None,
+        }
+    }
+
     /// Runs the final flush now and returns what it did.
     pub fn finish(mut self) -> FlushReport {
         self.flush()
@@ -302,132 +321,198 @@ impl ShutdownGuard {
         }
         let mut report = FlushReport::default();
         // Threads stop on the trigger; an internal stop (a panic) sets it here.
-        if !self.shutdown.requested() {
-            self.shutdown.trigger();
+        if !self.shared.shutdown.requested() {
+            self.shared.shutdown.trigger();
         }
-        let mut pending = Vec::new();
+        let mut tail = Vec::new();
         if let Some(receiver) = self.receiver.take() {
             match receiver.join() {
-                Ok(Ok(tail)) => pending = tail,
+                Ok(Ok(readings)) => tail = readings,
                 Ok(Err(e)) => report.receiver_error = Some(e.to_string()),
                 Err(_) => report.receiver_error = Some("the receiver thread panicked".into()),
             }
         }
+        let mut persister_stuck = false;
         if let Some(persister) = self.persister.take() {
-            self.wait_for(&persister);
-            if persister.join().is_err() {
-                error!("the persister thread panicked; flushing what it held and what is queued");
-                report.persister_panicked = true;
+            if self.wait_for(&persister) {
+                if persister.join().is_err() {
+                    error!(
+                        "the persister thread panicked; flushing what it held and what is queued"
+                    );
+                    report.persister_panicked = true;
+                }
+            } else {
+                // It still holds the store; its readings are in `held`.
+                persister_stuck = true;
             }
         }
-        let mut readings =
-            std::mem::take(&mut *self.salvage.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut uncommitted = {
+            let mut held = lock(&self.shared.held);
+            Uncommitted {
+                retry: held.in_flight.take(),
+                rest: std::mem::take(&mut held.readings),
+            }
+        };
         // The receiver has stopped, so nothing more arrives; empty the channel.
         for chunk in self.rx.try_iter() {
-            Ledger::sub(&self.ledger.queued, chunk.len() as u64);
-            readings.extend(chunk);
+            Ledger::sub(&self.shared.ledger.queued, chunk.len() as u64);
+            uncommitted.rest.extend(chunk);
         }
-        readings.append(&mut pending);
-        if !readings.is_empty() {
-            self.final_flush(readings, &mut report);
+        uncommitted.rest.append(&mut tail);
+        if uncommitted.retry.is_some() || !uncommitted.rest.is_empty() {
+            let uncommitted = if persister_stuck {
+                warn!("the persister did not stop after a second signal; spilling what it held");
+                Some(uncommitted)
+            } else {
+                self.final_flush(uncommitted)
+            };
+            if let Some(uncommitted) = uncommitted {
+                self.spill(uncommitted, &mut report);
+            }
         }
         self.report = Some(report.clone());
         report
     }
 
-    /// Waits for the persister to stop; after a second signal, interrupts
-    /// the store so a hung write cannot hold it.
-    fn wait_for(&self, persister: &JoinHandle<()>) {
+    /// Waits for the persister to stop. After a second signal it interrupts
+    /// the store, and gives up waiting (returning false) if the persister is
+    /// still stuck in a write `FORCED_GRACE` later.
+    fn wait_for(&self, persister: &JoinHandle<()>) -> bool {
+        let mut forced_at: Option<Instant> = None;
         while !persister.is_finished() {
-            if self.shutdown.forced() {
-                (self.interrupt)();
+            if self.shared.shutdown.forced() {
+                let since = *forced_at.get_or_insert_with(Instant::now);
+                (self.shared.interrupt)();
+                if since.elapsed() > FORCED_GRACE {
+                    return false;
+                }
             }
             thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
-    /// Commits `readings` in one transaction on a helper thread, so a second
-    /// signal can abandon it; spills whatever does not commit.
-    fn final_flush(&mut self, readings: Vec<Reading>, report: &mut FlushReport) {
-        let count = readings.len() as u64;
-        let readings = Arc::new(readings);
+    /// Commits the uncommitted readings on a helper thread, so a second
+    /// signal can abandon it. Returns what did not commit.
+    fn final_flush(&mut self, uncommitted: Uncommitted) -> Option<Uncommitted> {
         let started = Instant::now();
+        let shared = Arc::clone(&self.shared);
+        let rest = Arc::new(uncommitted.rest);
+        let (retry, rest_for_flusher) = (uncommitted.retry.clone(), Arc::clone(&rest));
+        let id = self.shared.next_id();
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        let flusher = {
-            let (store, readings) = (Arc::clone(&self.store), Arc::clone(&readings));
-            let id = self
-                .ids
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .next();
-            thread::Builder::new()
-                .name("flusher".into())
-                .spawn(move || {
-                    // The guard may have given up waiting; then nobody listens.
-                    let _ = done_tx.send(lock(&store).write_batch(id, &readings));
-                })
-        };
+        let flusher = thread::Builder::new()
+            .name("flusher".into())
+            .spawn(move || {
+                let mut store = lock(&shared.store);
+                // How far it got: the retried batch committed, then the rest.
+                let mut retried = false;
+                let result = (|| {
+                    if let Some((id, batch)) = &retry {
+                        store.write_batch(*id, batch)?;
+                        retried = true;
+                    }
+                    if !rest_for_flusher.is_empty() {
+                        store.write_batch(id, &rest_for_flusher)?;
+                    }
+                    Ok(())
+                })();
+                // The guard may have given up waiting; then nobody listens.
+                let _ = done_tx.send((retried, result));
+            });
         let outcome = match flusher {
             Ok(_) => self.await_flush(&done_rx),
-            Err(e) => Some(Err(Error::Thread {
-                name: "flusher",
-                source: e,
-            })),
+            Err(e) => Some((
+                false,
+                Err(Error::Thread {
+                    name: "flusher",
+                    source: e,
+                }),
+            )),
         };
-        match outcome {
-            Some(Ok(())) => {
-                Ledger::add(&self.ledger.persisted, count);
-                Ledger::add(&self.ledger.flushed_at_shutdown, count);
+        let retry_len = uncommitted
+            .retry
+            .as_ref()
+            .map_or(0, |(_, batch)| batch.len());
+        let (retried, result) = match outcome {
+            Some(outcome) => outcome,
+            None => {
+                warn!(
+                    "the final flush did not answer after a second signal; spilling its \
+                     readings (if it did commit, replay may add them twice)"
+                );
+                (false, Err(Error::database("final flush", "abandoned")))
+            }
+        };
+        let committed =
+            if retried { retry_len } else { 0 } + if result.is_ok() { rest.len() } else { 0 };
+        Ledger::add(&self.shared.ledger.persisted, committed as u64);
+        Ledger::add(&self.shared.ledger.flushed_at_shutdown, committed as u64);
+        match result {
+            Ok(()) => {
                 info!(
-                    "final flush committed {count} readings in {:.3}s",
+                    "final flush committed {committed} readings in {:.3}s",
                     started.elapsed().as_secs_f64()
                 );
-                return;
-            }
-            Some(Err(e)) => error!("final flush of {count} readings failed: {e}"),
-            None => warn!(
-                "final flush of {count} readings did not answer after a second signal; \
-                 spilling them (if it did commit, replay may add them twice)"
-            ),
-        }
-        report.spilled = true;
-        match spill::write(&self.spill_path, &readings) {
-            Ok(()) => {
-                Ledger::add(&self.ledger.spilled, count);
-                info!("spilled {count} readings to {}", self.spill_path.display());
+                None
             }
             Err(e) => {
-                error!("{e}; {count} readings are lost");
-                report.lost = count;
+                error!("final flush failed: {e}");
+                Some(Uncommitted {
+                    retry: if retried { None } else { uncommitted.retry },
+                    rest: Arc::unwrap_or_clone(rest),
+                })
             }
         }
     }
 
-    /// The flush's result, or None if a second signal came and the
+    /// The flush's outcome, or None if a second signal came and the
     /// interrupted flush did not report within `FORCED_GRACE`.
-    fn await_flush(&self, done: &Receiver<Result<(), Error>>) -> Option<Result<(), Error>> {
+    fn await_flush(
+        &self,
+        done: &Receiver<(bool, Result<(), Error>)>,
+    ) -> Option<(bool, Result<(), Error>)> {
         let mut forced_at: Option<Instant> = None;
         loop {
             match done.recv_timeout(Duration::from_millis(20)) {
-                Ok(result) => return Some(result),
+                Ok(outcome) => return Some(outcome),
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Some(Err(Error::database(
-                        "final flush",
-                        "the flush thread panicked",
-                    )));
+                    let panicked = Error::database("final flush", "the flush thread panicked");
+                    return Some((false, Err(panicked)));
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            if self.shutdown.forced() {
+            if self.shared.shutdown.forced() {
                 let since = *forced_at.get_or_insert_with(|| {
                     warn!("second signal: abandoning the final flush");
                     Instant::now()
                 });
                 // Repeated: an interrupt between two statements is not sticky.
-                (self.interrupt)();
+                (self.shared.interrupt)();
                 if since.elapsed() > FORCED_GRACE {
                     return None;
                 }
+            }
+        }
+    }
+
+    /// Writes what did not commit to the spill file.
+    fn spill(&self, uncommitted: Uncommitted, report: &mut FlushReport) {
+        let mut readings = match uncommitted.retry {
+            Some((_, batch)) => Arc::unwrap_or_clone(batch),
+            None => Vec::new(),
+        };
+        readings.extend(uncommitted.rest);
+        let count = readings.len() as u64;
+        report.spilled = true;
+        match spill::write(&self.spill_path, &readings) {
+            Ok(()) => {
+                Ledger::add(&self.shared.ledger.spilled, count);
+                info!("spilled {count} readings to {}", self.spill_path.display());
+            }
+            Err(e) => {
+                error!("{e}; {count} readings are lost");
+                report.lost = count;
             }
         }
     }

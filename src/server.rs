@@ -4,7 +4,7 @@
 
 use std::net::UdpSocket;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use log::{error, info};
 
 use crate::error::Error;
 use crate::ledger::{Counts, Ledger};
-use crate::persister::{BatchConfig, BatchIds, FlushReport, Persister, ShutdownGuard};
+use crate::persister::{BatchConfig, FlushReport, Persister, Shared, ShutdownGuard};
 use crate::receiver::{self, Cidr, Receiver};
 use crate::shutdown::Shutdown;
 use crate::store::Store;
@@ -80,20 +80,8 @@ pub fn run(
         what: "read the bound address",
         source,
     })?;
-    let interrupt = Arc::new(store.interrupter());
-    let store = Arc::new(Mutex::new(store));
-    let salvage = Arc::new(Mutex::new(Vec::new()));
-    let ids = Arc::new(Mutex::new(BatchIds::new()));
-
-    let persister = Persister::new(
-        rx.clone(),
-        Arc::clone(&store),
-        config.batch.clone(),
-        Arc::clone(&ids),
-        Arc::clone(&ledger),
-        shutdown.clone(),
-        Arc::clone(&salvage),
-    );
+    let shared = Arc::new(Shared::new(store, Arc::clone(&ledger), shutdown.clone()));
+    let persister = Persister::new(rx.clone(), Arc::clone(&shared), config.batch.clone());
     let receiver = Receiver::new(
         socket,
         tx,
@@ -102,19 +90,7 @@ pub fn run(
         Arc::clone(&ledger),
         shutdown.clone(),
     );
-    let mut guard = ShutdownGuard {
-        receiver: None,
-        persister: None,
-        rx,
-        store,
-        interrupt,
-        salvage,
-        ids,
-        ledger: Arc::clone(&ledger),
-        shutdown: shutdown.clone(),
-        spill_path: config.spill_path.clone(),
-        report: None,
-    };
+    let mut guard = ShutdownGuard::new(rx, shared, config.spill_path.clone());
     guard.persister = Some(spawn("persister", move || persister.run())?);
     guard.receiver = Some(spawn("receiver", move || receiver.run())?);
 
