@@ -66,7 +66,7 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<u64, Error> {
         addr: local.to_string(),
         source,
     })?;
-    socket.connect(config.to).map_err(|source| Error::Socket {
+    socket.connect(config.to).map_err(|source| Error::Io {
         what: "set the destination address",
         source,
     })?;
@@ -103,7 +103,7 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<u64, Error> {
                 failed += 1;
             }
             Err(source) => {
-                return Err(Error::Socket {
+                return Err(Error::Io {
                     what: "send a datagram",
                     source,
                 });

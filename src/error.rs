@@ -11,8 +11,9 @@ use std::path::PathBuf;
 pub enum Error {
     /// The UDP socket could not be bound.
     Bind { addr: String, source: io::Error },
-    /// A socket operation other than bind failed (options, receive).
-    Socket {
+    /// An I/O operation other than bind failed: socket options, sending,
+    /// writing output. `what` completes "cannot ...".
+    Io {
         what: &'static str,
         source: io::Error,
     },
@@ -60,7 +61,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Bind { addr, source } => write!(f, "cannot bind {addr}: {}", io_cause(source)),
-            Error::Socket { what, source } => write!(f, "cannot {what}: {}", io_cause(source)),
+            Error::Io { what, source } => write!(f, "cannot {what}: {}", io_cause(source)),
             Error::Open { db, cause } => write!(f, "cannot open database {db}: {cause}"),
             Error::Database { what, cause } => write!(f, "{what}: {cause}"),
             Error::Spill { path, source } => {

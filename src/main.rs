@@ -189,7 +189,7 @@ fn show_stats(args: &StatsArgs) -> Result<ExitCode, Error> {
     };
     // A closed pipe (`| head`) is not an error worth reporting.
     match written.and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Socket {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Io {
             what: "write to stdout",
             source: e,
         }),

@@ -30,7 +30,7 @@ pub fn bind(addr: &str, recv_buffer: usize) -> Result<UdpSocket, Error> {
         addr: addr.to_string(),
         source,
     })?;
-    let granted = set_recv_buffer(&socket, recv_buffer).map_err(|source| Error::Socket {
+    let granted = set_recv_buffer(&socket, recv_buffer).map_err(|source| Error::Io {
         what: "set the receive buffer size",
         source,
     })?;
@@ -257,7 +257,7 @@ impl Receiver {
     /// the socket. Returns the readings it could not hand to the persister
     /// (the tail), for the final flush.
     pub fn run(mut self) -> Result<Vec<Reading>, Error> {
-        let socket_error = |what, source| Error::Socket { what, source };
+        let socket_error = |what, source| Error::Io { what, source };
         self.socket
             .set_read_timeout(Some(POLL))
             .map_err(|e| socket_error("set the socket read timeout", e))?;

@@ -72,11 +72,11 @@ pub fn run(
     let ledger = Arc::new(Ledger::default());
     let chunk = CHUNK.min(config.queue_capacity.max(1));
     let (tx, rx) = crossbeam_channel::bounded((config.queue_capacity / chunk).max(1));
-    let counter_socket = socket.try_clone().map_err(|source| Error::Socket {
+    let counter_socket = socket.try_clone().map_err(|source| Error::Io {
         what: "clone the socket",
         source,
     })?;
-    let local = socket.local_addr().map_err(|source| Error::Socket {
+    let local = socket.local_addr().map_err(|source| Error::Io {
         what: "read the bound address",
         source,
     })?;
