@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use log::{error, info, warn};
 
 use crate::error::Error;
@@ -144,7 +144,20 @@ impl Persister {
                     .min(POLL),
                 None => POLL,
             };
-            match self.rx.recv_timeout(wait) {
+            // Holding readings, it sleeps until they are due: the receiver
+            // wakes it early when the queue passes half full. Holding none,
+            // it waits for the first chunk. Not waking per chunk keeps a
+            // trickle of readings cheap.
+            let first = if held > 0 {
+                thread::park_timeout(wait);
+                self.rx.try_recv().map_err(|e| match e {
+                    TryRecvError::Empty => RecvTimeoutError::Timeout,
+                    TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                })
+            } else {
+                self.rx.recv_timeout(wait)
+            };
+            match first {
                 Ok(chunk) => {
                     let mut chunks = vec![chunk];
                     // Take what else is queued now: one wake-up, one lock.

@@ -6,6 +6,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
@@ -218,6 +219,9 @@ pub struct Receiver {
     socket: UdpSocket,
     /// Chunks of readings for the persister.
     tx: Sender<Vec<Reading>>,
+    /// The persister's thread, unparked when the queue passes half full
+    /// (it sleeps while its batch is not yet due).
+    persister: Thread,
     /// A chunk is sent once it holds this many readings, or when the socket
     /// has nothing more to read.
     chunk_size: usize,
@@ -235,6 +239,7 @@ impl Receiver {
     pub fn new(
         socket: UdpSocket,
         tx: Sender<Vec<Reading>>,
+        persister: Thread,
         chunk_size: usize,
         allow: Vec<Cidr>,
         ledger: Arc<Ledger>,
@@ -243,6 +248,7 @@ impl Receiver {
         Receiver {
             socket,
             tx,
+            persister,
             chunk_size: chunk_size.max(1),
             allow,
             ledger,
@@ -306,6 +312,7 @@ impl Receiver {
                         chunk = back;
                     }
                 }
+                self.wake_if_filling();
                 continue;
             }
             let full = std::mem::replace(&mut chunk, Vec::with_capacity(self.chunk_size));
@@ -338,14 +345,27 @@ impl Receiver {
         Ledger::add(&self.ledger.queued, len);
         let mut chunk = chunk;
         loop {
+            self.wake_if_filling();
             match self.tx.send_timeout(chunk, POLL) {
-                Ok(()) => return None,
+                Ok(()) => {
+                    self.wake_if_filling();
+                    return None;
+                }
                 Err(SendTimeoutError::Timeout(back)) if !self.shutdown.requested() => chunk = back,
                 Err(SendTimeoutError::Timeout(back) | SendTimeoutError::Disconnected(back)) => {
                     Ledger::sub(&self.ledger.queued, len);
                     return Some(back);
                 }
             }
+        }
+    }
+
+    /// Wakes the persister once the queue is half full, so a burst is
+    /// taken in batches well before the queue blocks the receiver.
+    fn wake_if_filling(&self) {
+        let capacity = self.tx.capacity().unwrap_or(usize::MAX);
+        if self.tx.len() * 2 >= capacity {
+            self.persister.unpark();
         }
     }
 

@@ -82,16 +82,18 @@ pub fn run(
     })?;
     let shared = Arc::new(Shared::new(store, Arc::clone(&ledger), shutdown.clone()));
     let persister = Persister::new(rx.clone(), Arc::clone(&shared), config.batch.clone());
+    let mut guard = ShutdownGuard::new(rx, shared, config.spill_path.clone());
+    let persister = spawn("persister", move || persister.run())?;
     let receiver = Receiver::new(
         socket,
         tx,
+        persister.thread().clone(),
         chunk,
         config.allow.clone(),
         Arc::clone(&ledger),
         shutdown.clone(),
     );
-    let mut guard = ShutdownGuard::new(rx, shared, config.spill_path.clone());
-    guard.persister = Some(spawn("persister", move || persister.run())?);
+    guard.persister = Some(persister);
     guard.receiver = Some(spawn("receiver", move || receiver.run())?);
 
     if config.allow.is_empty() {
