@@ -428,6 +428,10 @@ fn kernel_drops_match_the_socket_counter() {
     assert!(status.success());
     let counts = server.shutdown_counts();
     assert_eq!(counts["kernel_drops"], dropped);
+    eprintln!(
+        "kernel drops: shutdown line {}, /proc/net/udp {dropped}",
+        counts["kernel_drops"]
+    );
     assert_ledger(&counts, counts["received"], 2000);
     assert_eq!(row_count(&scratch.db), 2000 - dropped);
 }
