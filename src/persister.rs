@@ -159,11 +159,15 @@ impl Persister {
             };
             match first {
                 Ok(chunk) => {
+                    let mut taking = held + chunk.len();
                     let mut chunks = vec![chunk];
                     // Take what else is queued now: one wake-up, one lock.
-                    while held + chunks.iter().map(Vec::len).sum::<usize>() < batch_size {
+                    while taking < batch_size {
                         match self.rx.try_recv() {
-                            Ok(chunk) => chunks.push(chunk),
+                            Ok(chunk) => {
+                                taking += chunk.len();
+                                chunks.push(chunk);
+                            }
                             Err(_) => break,
                         }
                     }

@@ -277,18 +277,7 @@ impl Receiver {
                     // Take whatever else is already waiting, without
                     // blocking, so a burst becomes one chunk and one wake-up
                     // of the persister.
-                    self.socket
-                        .set_nonblocking(true)
-                        .map_err(|e| socket_error("set non-blocking", e))?;
-                    while chunk.len() < self.chunk_size {
-                        match self.socket.recv_from(&mut buf) {
-                            Ok((len, source)) => {
-                                self.handle(&buf[..len], source, &mut chunk, &mut rejections)
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => self.log_error(&e),
-                        }
-                    }
+                    self.read_waiting(&mut buf, &mut chunk, &mut rejections, self.chunk_size)?;
                     self.socket
                         .set_nonblocking(false)
                         .map_err(|e| socket_error("set blocking", e))?;
@@ -322,20 +311,39 @@ impl Receiver {
             }
         }
         // Stopping: what the kernel already holds was received, so keep it.
+        let drained = self.read_waiting(&mut buf, &mut chunk, &mut rejections, usize::MAX)?;
+        info!("stopped receiving; read {drained} datagrams still queued in the socket");
+        Ok(chunk)
+    }
+
+    /// Reads the datagrams the socket already holds, without blocking, until
+    /// it has none or `chunk` holds `limit` readings. Leaves the socket
+    /// non-blocking; returns how many datagrams it read.
+    fn read_waiting(
+        &mut self,
+        buf: &mut [u8],
+        chunk: &mut Vec<Reading>,
+        rejections: &mut Vec<Rejection>,
+        limit: usize,
+    ) -> Result<u64, Error> {
         self.socket
             .set_nonblocking(true)
-            .map_err(|e| socket_error("set non-blocking", e))?;
-        let before = self.ledger.snapshot(0).received;
-        loop {
-            match self.socket.recv_from(&mut buf) {
-                Ok((len, source)) => self.handle(&buf[..len], source, &mut chunk, &mut rejections),
+            .map_err(|source| Error::Io {
+                what: "set non-blocking",
+                source,
+            })?;
+        let mut read = 0;
+        while chunk.len() < limit {
+            match self.socket.recv_from(buf) {
+                Ok((len, source)) => {
+                    self.handle(&buf[..len], source, chunk, rejections);
+                    read += 1;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => self.log_error(&e),
             }
         }
-        let drained = self.ledger.snapshot(0).received - before;
-        info!("stopped receiving; read {drained} datagrams still queued in the socket");
-        Ok(chunk)
+        Ok(read)
     }
 
     /// Sends a chunk to the persister, waiting while the channel is full.
