@@ -94,20 +94,11 @@ fn assert_ledger(counts: &HashMap<String, u64>, readings_received: u64, datagram
 fn sigterm_under_full_speed_load_balances_the_ledger() {
     let scratch = Scratch::new();
     let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
-    let addr = server.addr.to_string();
-    let out = run(
-        &[
-            "send",
-            "--to",
-            &addr,
-            "--interval",
-            "0",
-            "--count",
-            "200000",
-        ],
+    send_readings(
+        server.addr,
+        &["--interval", "0", "--count", "200000"],
         scratch.path(),
     );
-    assert!(out.status.success());
     // Signal at once: the server is typically still working through a backlog.
     let status = server.stop_with(libc::SIGTERM, EXIT);
     assert!(status.success(), "log:\n{}", server.log_text());
@@ -187,27 +178,36 @@ fn sigkill_loses_at_most_what_was_in_memory() {
 }
 
 /// Another writer holds the lock for 5 s mid-run: batches are retried, and
-/// nothing is lost after it lets go.
+/// nothing is lost after it lets go. The running persister commits it all;
+/// the final flush has nothing left to do.
 #[test]
 fn lock_held_mid_run_loses_nothing() {
     let scratch = Scratch::new();
     let mut server = Server::start(
         scratch.path(),
-        &["--db", scratch.db_arg(), "--busy-timeout", "200ms"],
+        &[
+            "--db",
+            scratch.db_arg(),
+            "--busy-timeout",
+            "200ms",
+            "--stats-interval",
+            "50ms",
+        ],
     );
     send_datagrams(server.addr, (0..1000).map(unique));
-    thread::sleep(Duration::from_millis(500));
+    server.wait_for_count("persisted", 1000, EXIT);
     let lock = WriteLock::take(&scratch.db);
     let held = Instant::now();
     send_datagrams(server.addr, (1000..4000).map(unique));
-    while held.elapsed() < Duration::from_secs(5) {
-        thread::sleep(Duration::from_millis(50));
-    }
+    server.wait_for_line("attempt 1 to commit", EXIT);
+    // Hold on for the full 5 s the scenario asks for.
+    thread::sleep(Duration::from_secs(5).saturating_sub(held.elapsed()));
     drop(lock);
     send_datagrams(server.addr, (4000..5000).map(unique));
-    thread::sleep(Duration::from_secs(1));
+    server.wait_for_count("persisted", 5000, EXIT);
     let status = server.stop_with(libc::SIGTERM, EXIT);
     assert!(status.success(), "log:\n{}", server.log_text());
+    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 0);
     assert!(
         server.log_text().contains("database is locked"),
         "{}",
@@ -227,7 +227,7 @@ fn lock_held_through_shutdown_spills_then_replays() {
     let mut server = Server::start(scratch.path(), &args);
     let lock = WriteLock::take(&scratch.db);
     send_datagrams(server.addr, (0..3000).map(unique));
-    thread::sleep(Duration::from_millis(300));
+    server.wait_for_line("attempt 1 to commit", EXIT);
     let status = server.stop_with(libc::SIGTERM, EXIT);
     assert_eq!(status.code(), Some(1), "log:\n{}", server.log_text());
     let counts = server.shutdown_counts();
@@ -268,20 +268,11 @@ fn second_signal_abandons_a_long_final_flush() {
         "100ms",
     ];
     let mut server = Server::start(scratch.path(), &args);
-    let addr = server.addr.to_string();
-    let out = run(
-        &[
-            "send",
-            "--to",
-            &addr,
-            "--interval",
-            "0",
-            "--count",
-            "300000",
-        ],
+    send_readings(
+        server.addr,
+        &["--interval", "0", "--count", "300000"],
         scratch.path(),
     );
-    assert!(out.status.success());
     thread::sleep(Duration::from_millis(300));
     signal(server.pid(), libc::SIGTERM);
     server.wait_for_line("stopping:", EXIT);

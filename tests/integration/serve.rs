@@ -32,21 +32,10 @@ fn sent_readings_are_stored_exactly(sig: i32) {
     stored.sort_by(|a, b| a.ingested_at.total_cmp(&b.ingested_at));
     for (row, want) in stored.iter().zip(&sent) {
         assert_eq!(row.sensor_id, want.sensor_id);
+        let bits = |t: f64, h: f64, i: f64| (t.to_bits(), h.to_bits(), i.to_bits());
         assert_eq!(
-            row.temperature.to_bits(),
-            want.temperature.to_bits(),
-            "{}",
-            want.text
-        );
-        assert_eq!(
-            row.humidity.to_bits(),
-            want.humidity.to_bits(),
-            "{}",
-            want.text
-        );
-        assert_eq!(
-            row.ingested_at.to_bits(),
-            want.ingested_at.to_bits(),
+            bits(row.temperature, row.humidity, row.ingested_at),
+            bits(want.temperature, want.humidity, want.ingested_at),
             "{}",
             want.text
         );
@@ -87,22 +76,11 @@ fn guard_flushes_everything_queued() {
             "50ms",
         ],
     );
-    let addr = server.addr.to_string();
-    let out = run(
-        &[
-            "send",
-            "--to",
-            &addr,
-            "--interval",
-            "0",
-            "--count",
-            "5000",
-            "--seed",
-            "7",
-        ],
+    send_readings(
+        server.addr,
+        &["--interval", "0", "--count", "5000", "--seed", "7"],
         scratch.path(),
     );
-    assert!(out.status.success());
     server.wait_for_accepted(5000, Duration::from_secs(20));
     assert_eq!(
         row_count(&scratch.db),
@@ -341,22 +319,11 @@ fn usage_errors_exit_2() {
 fn client_sends_count_readings_in_range() {
     let scratch = Scratch::new();
     let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
-    let addr = server.addr.to_string();
-    let out = run(
-        &[
-            "send",
-            "--to",
-            &addr,
-            "--interval",
-            "1ms",
-            "--count",
-            "300",
-            "--sensor-ids",
-            "5-7",
-        ],
+    let out = send_readings(
+        server.addr,
+        &["--interval", "1ms", "--count", "300", "--sensor-ids", "5-7"],
         scratch.path(),
     );
-    assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("sent 300 readings"));
     assert!(server.stop_with(libc::SIGINT, EXIT).success());
     let stored = rows(&scratch.db);

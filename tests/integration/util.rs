@@ -170,6 +170,12 @@ impl Server {
     /// Waits until the periodic or shutdown counters show `accepted >= n`
     /// (needs `--stats-interval`).
     pub fn wait_for_accepted(&mut self, n: u64, timeout: Duration) {
+        self.wait_for_count("accepted", n, timeout);
+    }
+
+    /// Waits until the periodic or shutdown counters show `name >= n`
+    /// (needs `--stats-interval`).
+    pub fn wait_for_count(&mut self, name: &str, n: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let seen = self
@@ -177,15 +183,14 @@ impl Server {
                 .lock()
                 .unwrap()
                 .iter()
-                .filter(|l| l.contains("accepted="))
-                .map(|l| counters(l)["accepted"])
+                .filter_map(|l| counters(l).get(name).copied())
                 .max()
                 .unwrap_or(0);
             if seen >= n {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("accepted stayed at {seen} < {n}; log:\n{}", self.log_text());
+                panic!("{name} stayed at {seen} < {n}; log:\n{}", self.log_text());
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -206,6 +211,15 @@ pub fn counters(line: &str) -> HashMap<String, u64> {
         .filter_map(|word| word.split_once('='))
         .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
         .collect()
+}
+
+/// Runs the real client, `sensord send --to TO ARGS`, to completion and
+/// checks it succeeded.
+pub fn send_readings(to: SocketAddr, args: &[&str], cwd: &Path) -> Output {
+    let to = to.to_string();
+    let out = run(&[&["send", "--to", &to][..], args].concat(), cwd);
+    assert!(out.status.success(), "sensord send failed: {out:?}");
+    out
 }
 
 /// Sends each datagram to `to` from a fresh loopback socket.
