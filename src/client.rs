@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::error::Error;
-use crate::receiver::unix_now;
+use crate::reading::unix_now;
 use crate::shutdown::Shutdown;
 
 /// What to send, from the command line.

@@ -5,7 +5,8 @@
 //! # Layout
 //! - `reading`: the `Reading` type and datagram parsing. No I/O.
 //! - `receiver`: the UDP receive loop (thread `receiver`). Sockets and the
-//!   channel, never the database.
+//!   channel, never the database. `datagrams` reads many datagrams per
+//!   system call for it.
 //! - `persister`: the batching thread (thread `persister`) and
 //!   `ShutdownGuard`, whose `Drop` is the final flush. The channel and a
 //!   `Store`, never sockets.
@@ -21,6 +22,7 @@
 //! → store/spill/reading → error.
 
 pub mod client;
+pub mod datagrams;
 pub mod error;
 pub mod ledger;
 pub mod persister;

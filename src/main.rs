@@ -47,13 +47,13 @@ struct ServeArgs {
     #[arg(long, default_value = store::DEFAULT_TABLE, value_parser = store::table_name)]
     table: String,
     /// The most readings in one transaction.
-    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 250_000, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
     /// Longest a reading waits before its batch is committed.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     flush_interval: Duration,
     /// The most readings held in memory between receiver and persister.
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 250_000, value_parser = clap::value_parser!(u64).range(1..))]
     queue_capacity: u64,
     /// Socket receive buffer (SO_RCVBUF) to ask for, in bytes.
     #[arg(long, default_value_t = 4_194_304)]

@@ -24,7 +24,7 @@ use crate::ledger::Ledger;
 use crate::reading::Reading;
 use crate::shutdown::Shutdown;
 use crate::spill;
-use crate::store::{BatchId, Interrupter, Store};
+use crate::store::{self, BatchId, Interrupter, Store};
 
 /// How often a waiting persister looks at the shutdown trigger.
 const POLL: Duration = Duration::from_millis(100);
@@ -210,7 +210,13 @@ impl Persister {
         let (id, batch) = {
             let mut held = lock(&self.shared.held);
             let n = held.readings.len().min(batch_size);
-            let batch: Arc<Vec<Reading>> = Arc::new(held.readings.drain(..n).collect());
+            let mut batch = if n == held.readings.len() {
+                std::mem::take(&mut held.readings)
+            } else {
+                held.readings.drain(..n).collect()
+            };
+            store::sort_for_index(&mut batch);
+            let batch = Arc::new(batch);
             let id = self.shared.next_id();
             held.in_flight = Some((id, Arc::clone(&batch)));
             (id, batch)
@@ -376,6 +382,7 @@ impl ShutdownGuard {
             uncommitted.rest.extend(chunk);
         }
         uncommitted.rest.append(&mut tail);
+        store::sort_for_index(&mut uncommitted.rest);
         if uncommitted.retry.is_some() || !uncommitted.rest.is_empty() {
             let uncommitted = if persister_stuck {
                 warn!("the persister did not stop after a second signal; spilling what it held");

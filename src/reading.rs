@@ -5,6 +5,7 @@
 //! and each bad one becomes one counted `Rejection`.
 
 use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,14 @@ use serde::{Deserialize, Serialize};
 /// The largest `ingested_at` accepted: 9999-12-31T23:59:59Z, which every
 /// store can hold.
 pub const MAX_INGESTED_AT: f64 = 253_402_300_799.0;
+
+/// Now as unix seconds, the unit of every timestamp in a reading.
+pub fn unix_now() -> f64 {
+    // Before 1970 only on a broken clock; 0 then keeps a reading valid.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// One validated sensor reading, as stored and as written to the spill file.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

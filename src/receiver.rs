@@ -7,11 +7,12 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::thread::Thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
 use log::{debug, info, warn};
 
+use crate::datagrams::Datagrams;
 use crate::error::Error;
 use crate::ledger::Ledger;
 use crate::reading::{Rejection, parse_datagram};
@@ -20,9 +21,6 @@ use crate::{Reading, error};
 
 /// How often a blocked receive or send looks at the shutdown trigger.
 const POLL: Duration = Duration::from_millis(100);
-
-/// The largest UDP payload; a buffer this size never truncates a datagram.
-const MAX_DATAGRAM: usize = 65_536;
 
 /// Binds `addr` and asks the kernel for a `recv_buffer`-byte receive buffer,
 /// logging what it granted.
@@ -267,24 +265,23 @@ impl Receiver {
         self.socket
             .set_read_timeout(Some(POLL))
             .map_err(|e| socket_error("set the socket read timeout", e))?;
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut datagrams = Datagrams::new();
         let mut rejections = Vec::new();
         let mut chunk = Vec::with_capacity(self.chunk_size);
         while !self.shutdown.requested() {
-            match self.socket.recv_from(&mut buf) {
-                Ok((len, source)) => {
-                    self.handle(&buf[..len], source, &mut chunk, &mut rejections);
-                    // Take whatever else is already waiting, without
-                    // blocking, so a burst becomes one chunk and one wake-up
-                    // of the persister.
-                    self.read_waiting(&mut buf, &mut chunk, &mut rejections, self.chunk_size)?;
-                    self.socket
-                        .set_nonblocking(false)
-                        .map_err(|e| socket_error("set blocking", e))?;
+            if datagrams.pending() == 0 {
+                match datagrams.recv(&self.socket, true) {
+                    Ok(_) => {}
+                    // A timeout still retries handing over a chunk kept below.
+                    Err(e) if is_timeout(&e) => {}
+                    Err(e) => self.log_error(&e),
                 }
-                // A timeout still retries handing over a chunk kept below.
-                Err(e) if is_timeout(&e) => {}
-                Err(e) => self.log_error(&e),
+            }
+            if datagrams.pending() > 0 {
+                // Take whatever else is already waiting, without blocking,
+                // so a burst becomes one chunk and one wake-up of the
+                // persister.
+                self.read_waiting(&mut datagrams, &mut chunk, &mut rejections, self.chunk_size);
             }
             if chunk.is_empty() {
                 continue;
@@ -311,39 +308,44 @@ impl Receiver {
             }
         }
         // Stopping: what the kernel already holds was received, so keep it.
-        let drained = self.read_waiting(&mut buf, &mut chunk, &mut rejections, usize::MAX)?;
+        let drained = self.read_waiting(&mut datagrams, &mut chunk, &mut rejections, usize::MAX);
         info!("stopped receiving; read {drained} datagrams still queued in the socket");
         Ok(chunk)
     }
 
-    /// Reads the datagrams the socket already holds, without blocking, until
-    /// it has none or `chunk` holds `limit` readings. Leaves the socket
-    /// non-blocking; returns how many datagrams it read.
+    /// Handles the datagrams already received, then reads those the socket
+    /// already holds, without blocking, until it has none or `chunk` holds
+    /// `limit` readings (one datagram holding an array can take it past).
+    /// Returns how many datagrams it handled; any left stay pending.
     fn read_waiting(
         &mut self,
-        buf: &mut [u8],
+        datagrams: &mut Datagrams,
         chunk: &mut Vec<Reading>,
         rejections: &mut Vec<Rejection>,
         limit: usize,
-    ) -> Result<u64, Error> {
-        self.socket
-            .set_nonblocking(true)
-            .map_err(|source| Error::Io {
-                what: "set non-blocking",
-                source,
-            })?;
-        let mut read = 0;
-        while chunk.len() < limit {
-            match self.socket.recv_from(buf) {
-                Ok((len, source)) => {
-                    self.handle(&buf[..len], source, chunk, rejections);
-                    read += 1;
+    ) -> u64 {
+        let mut handled = 0;
+        loop {
+            let received_at = datagrams.received_at();
+            while chunk.len() < limit {
+                let Some((datagram, source)) = datagrams.take() else {
+                    break;
+                };
+                self.handle(datagram, source, received_at, chunk, rejections);
+                handled += 1;
+            }
+            if chunk.len() >= limit {
+                return handled;
+            }
+            match datagrams.recv(&self.socket, false) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return handled,
+                Err(e) => {
+                    self.log_error(&e);
+                    return handled;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => self.log_error(&e),
             }
         }
-        Ok(read)
     }
 
     /// Sends a chunk to the persister, waiting while the channel is full.
@@ -381,6 +383,7 @@ impl Receiver {
         &mut self,
         datagram: &[u8],
         source: SocketAddr,
+        received_at: f64,
         chunk: &mut Vec<Reading>,
         rejections: &mut Vec<Rejection>,
     ) {
@@ -396,7 +399,7 @@ impl Receiver {
         }
         Ledger::add(&self.ledger.received, 1);
         let before = chunk.len();
-        parse_datagram(datagram, unix_now(), chunk, rejections);
+        parse_datagram(datagram, received_at, chunk, rejections);
         Ledger::add(&self.ledger.accepted, (chunk.len() - before) as u64);
         for rejection in rejections.drain(..) {
             self.ledger.count_rejection(rejection);
@@ -437,14 +440,6 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
-}
-
-/// Now as unix seconds.
-pub fn unix_now() -> f64 {
-    // Before 1970 only on a broken clock; 0 then keeps the reading valid.
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

@@ -50,6 +50,18 @@ impl WriteLock {
 
 /// The socket's drop counter as the kernel reports it in /proc/net/udp.
 fn proc_drops(pid: u32) -> u64 {
+    proc_udp_line(pid).last().unwrap().parse().unwrap()
+}
+
+/// Bytes waiting in the receive queue of the process's UDP socket.
+fn proc_rx_queue(pid: u32) -> u64 {
+    let queues = proc_udp_line(pid)[4].clone();
+    let (_, rx) = queues.split_once(':').unwrap();
+    u64::from_str_radix(rx, 16).unwrap()
+}
+
+/// The columns of the process's UDP socket's line in /proc/net/udp{,6}.
+fn proc_udp_line(pid: u32) -> Vec<String> {
     let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
@@ -62,7 +74,7 @@ fn proc_drops(pid: u32) -> u64 {
         for line in fs::read_to_string(table).unwrap().lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             if inodes.iter().any(|i| cols.get(9) == Some(&i.as_str())) {
-                return cols.last().unwrap().parse().unwrap();
+                return cols.into_iter().map(String::from).collect();
             }
         }
     }
@@ -471,6 +483,16 @@ fn max_size_flood_keeps_memory_bounded() {
         }
     });
     let peak = peak_rss_kib(server.pid());
+    // Once the server has read what the flood left in its socket buffer, a
+    // new reading has room.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proc_rx_queue(server.pid()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "socket buffer still full after 60 s"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     send_datagrams(server.addr, [unique(u64::MAX / 4)]);
     let status = server.stop_with(libc::SIGTERM, EXIT);
     assert!(status.success(), "log:\n{}", server.log_text());
