@@ -45,18 +45,16 @@ impl Datagrams {
         }
     }
 
-    /// Receives up to `SLOTS` datagrams, replacing any not yet taken. With
-    /// `wait`, blocks until one arrives or the socket's read timeout passes
-    /// (then fails with `WouldBlock` or `TimedOut`) and takes what else is
-    /// already there; without, fails with `WouldBlock` if none is waiting.
-    pub fn recv(&mut self, socket: &UdpSocket, wait: bool) -> io::Result<usize> {
+    /// Receives up to `SLOTS` datagrams without blocking, replacing any
+    /// not yet taken; fails with `WouldBlock` if none is waiting.
+    pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         self.received.clear();
         self.taken = 0;
         #[cfg(target_os = "linux")]
-        self.sys.recv(socket, wait, &mut self.received)?;
+        self.sys.recv(socket, &mut self.received)?;
         #[cfg(not(target_os = "linux"))]
         {
-            socket.set_nonblocking(!wait)?;
+            socket.set_nonblocking(true)?;
             let (len, source) = socket.recv_from(&mut self.bufs[..MAX_DATAGRAM])?;
             self.received.push((len, source));
         }
@@ -137,7 +135,6 @@ mod linux {
         pub fn recv(
             &mut self,
             socket: &UdpSocket,
-            wait: bool,
             received: &mut Vec<(usize, SocketAddr)>,
         ) -> io::Result<()> {
             debug_assert_eq!(self.iovs.len(), SLOTS);
@@ -147,11 +144,6 @@ mod linux {
                 msg.msg_hdr.msg_flags = 0;
                 msg.msg_len = 0;
             }
-            let flags = if wait {
-                libc::MSG_WAITFORONE
-            } else {
-                libc::MSG_DONTWAIT
-            };
             // SAFETY: the headers point at live, exclusively borrowed
             // buffers and addresses of the sizes they declare.
             let n = unsafe {
@@ -159,7 +151,7 @@ mod linux {
                     socket.as_raw_fd(),
                     self.msgs.as_mut_ptr(),
                     SLOTS as libc::c_uint,
-                    flags,
+                    libc::MSG_DONTWAIT,
                     std::ptr::null_mut(),
                 )
             };
@@ -205,7 +197,6 @@ mod linux {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     /// Sends `count` datagrams of different sizes from two sockets, then
     /// takes them all: contents, lengths and sources come back intact,
@@ -215,9 +206,6 @@ mod tests {
             eprintln!("{localhost} is not available here; skipping");
             return;
         };
-        server
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
         let senders = [
             UdpSocket::bind(format!("{localhost}:0")).unwrap(),
             UdpSocket::bind(format!("{localhost}:0")).unwrap(),
@@ -232,7 +220,8 @@ mod tests {
         let mut datagrams = Datagrams::new();
         let mut got = Vec::new();
         while got.len() < count {
-            let n = datagrams.recv(&server, got.is_empty()).unwrap();
+            // Loopback queued every datagram before send_to returned.
+            let n = datagrams.recv(&server).unwrap();
             assert!(n <= SLOTS);
             assert_eq!(datagrams.pending(), n);
             while let Some((data, source)) = datagrams.take() {
@@ -244,7 +233,7 @@ mod tests {
             assert_eq!(data, &payload(i), "datagram {i}");
             assert_eq!(*source, senders[i % 2].local_addr().unwrap());
         }
-        let nothing = datagrams.recv(&server, false).unwrap_err();
+        let nothing = datagrams.recv(&server).unwrap_err();
         assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
     }
 

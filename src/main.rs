@@ -223,15 +223,12 @@ fn init_logging() {
 /// stop, a second to abandon the final flush. Registered before any thread
 /// starts, so every thread inherits the handlers.
 fn register_signals() -> std::io::Result<Shutdown> {
-    let shutdown = Shutdown::new();
+    let shutdown = Shutdown::new()?;
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let requests = shutdown.counter();
-        // SAFETY: the handler only does an atomic add, which is
+        // SAFETY: the action only does an atomic add and a write(2), both
         // async-signal-safe.
         unsafe {
-            signal_hook::low_level::register(signal, move || {
-                requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            })?;
+            signal_hook::low_level::register(signal, shutdown.signal_action())?;
         }
     }
     Ok(shutdown)

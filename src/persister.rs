@@ -347,6 +347,10 @@ impl ShutdownGuard {
         if !self.shared.shutdown.requested() {
             self.shared.shutdown.trigger();
         }
+        // A persister sleeping until its batch is due stops now.
+        if let Some(persister) = &self.persister {
+            persister.thread().unpark();
+        }
         let mut tail = Vec::new();
         if let Some(receiver) = self.receiver.take() {
             match receiver.join() {
@@ -411,7 +415,7 @@ impl ShutdownGuard {
                     return false;
                 }
             }
-            thread::sleep(Duration::from_millis(20));
+            thread::sleep(Duration::from_millis(2));
         }
         true
     }

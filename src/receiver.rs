@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::thread::Thread;
@@ -16,7 +17,7 @@ use crate::datagrams::Datagrams;
 use crate::error::Error;
 use crate::ledger::Ledger;
 use crate::reading::{Rejection, parse_datagram};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, poll_readable};
 use crate::{Reading, error};
 
 /// How often a blocked receive or send looks at the shutdown trigger.
@@ -261,28 +262,24 @@ impl Receiver {
     /// the socket. Returns the readings it could not hand to the persister
     /// (the tail), for the final flush.
     pub fn run(mut self) -> Result<Vec<Reading>, Error> {
-        let socket_error = |what, source| Error::Io { what, source };
+        // Reads never block: `wait_readable` does the waiting.
         self.socket
-            .set_read_timeout(Some(POLL))
-            .map_err(|e| socket_error("set the socket read timeout", e))?;
+            .set_nonblocking(true)
+            .map_err(|source| Error::Io {
+                what: "make the socket non-blocking",
+                source,
+            })?;
         let mut datagrams = Datagrams::new();
         let mut rejections = Vec::new();
         let mut chunk = Vec::with_capacity(self.chunk_size);
         while !self.shutdown.requested() {
-            if datagrams.pending() == 0 {
-                match datagrams.recv(&self.socket, true) {
-                    Ok(_) => {}
-                    // A timeout still retries handing over a chunk kept below.
-                    Err(e) if is_timeout(&e) => {}
-                    Err(e) => self.log_error(&e),
-                }
-            }
-            if datagrams.pending() > 0 {
-                // Take whatever else is already waiting, without blocking,
-                // so a burst becomes one chunk and one wake-up of the
-                // persister.
+            if datagrams.pending() > 0 || self.wait_readable() {
+                // Take everything already waiting, so a burst becomes one
+                // chunk and one wake-up of the persister.
                 self.read_waiting(&mut datagrams, &mut chunk, &mut rejections, self.chunk_size);
             }
+            // After POLL without datagrams, this still retries handing over
+            // a chunk kept below.
             if chunk.is_empty() {
                 continue;
             }
@@ -337,13 +334,26 @@ impl Receiver {
             if chunk.len() >= limit {
                 return handled;
             }
-            match datagrams.recv(&self.socket, false) {
+            match datagrams.recv(&self.socket) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return handled,
                 Err(e) => {
                     self.log_error(&e);
                     return handled;
                 }
+            }
+        }
+    }
+
+    /// Waits up to POLL for a datagram or a stop request; true if the
+    /// socket has something to read.
+    fn wait_readable(&mut self) -> bool {
+        let fds = [self.socket.as_fd(), self.shutdown.wake_fd()];
+        match poll_readable(&fds, POLL) {
+            Ok([socket, _]) => socket,
+            Err(e) => {
+                self.log_error(&e);
+                false
             }
         }
     }
@@ -431,15 +441,6 @@ fn suppressed_note(suppressed: u64) -> String {
     } else {
         format!(" ({suppressed} similar lines suppressed)")
     }
-}
-
-/// A blocking receive with a timeout reports WouldBlock on Unix, TimedOut
-/// elsewhere.
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
 
 #[cfg(test)]

@@ -105,11 +105,9 @@ pub fn run(
     info!("listening on {local}");
 
     let mut next_stats = Instant::now() + config.stats_interval;
-    while !shutdown.requested() {
-        thread::sleep(Duration::from_millis(50));
-        if shutdown.requested() {
-            break;
-        }
+    // Wakes at once on a stop request; otherwise looks at the threads and
+    // the stats clock every 50 ms.
+    while !shutdown.wait(Duration::from_millis(50)) {
         let finished = |h: Option<bool>| h.unwrap_or(false);
         if finished(guard.persister.as_ref().map(|h| h.is_finished()))
             || finished(guard.receiver.as_ref().map(|h| h.is_finished()))
