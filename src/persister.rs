@@ -17,7 +17,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::error::Error;
 use crate::ledger::Ledger;
@@ -176,8 +176,11 @@ impl Persister {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            let due = oldest.is_some_and(|since| since.elapsed() >= self.config.flush_interval);
-            while held >= batch_size || (due && held > 0) {
+            let due = |oldest: Option<Instant>| {
+                oldest.is_some_and(|since| since.elapsed() >= self.config.flush_interval)
+            };
+            // A commit restarts the clock for what it left held.
+            while held >= batch_size || (held > 0 && due(oldest)) {
                 let Some(left) = self.commit(batch_size) else {
                     return;
                 };
@@ -222,6 +225,7 @@ impl Persister {
             (id, batch)
         };
         let n = batch.len();
+        let started = Instant::now();
         let mut delay = FIRST_BACKOFF;
         let mut attempt = 1u32;
         loop {
@@ -231,6 +235,10 @@ impl Persister {
             match result {
                 Ok(()) => {
                     Ledger::add(&self.shared.ledger.persisted, n as u64);
+                    debug!(
+                        "committed {n} readings in {:.1} ms",
+                        started.elapsed().as_secs_f64() * 1e3
+                    );
                     if attempt > 1 {
                         info!("batch of {n} readings committed after {attempt} attempts");
                     }

@@ -25,6 +25,12 @@ fn sent_readings_are_stored_exactly(sig: i32) {
     assert_eq!(counts["received"], 2000);
     assert_eq!(counts["accepted"], 2000);
     assert_eq!(counts["persisted"], 2000);
+    let wal = std::path::PathBuf::from(format!("{}-wal", scratch.db_arg()));
+    assert!(
+        !wal.exists(),
+        "a clean stop leaves one self-contained file, no {}",
+        wal.display()
+    );
 
     let mut stored = rows(&scratch.db);
     assert_eq!(stored.len(), sent.len());
