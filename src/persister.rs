@@ -26,8 +26,10 @@ use crate::shutdown::Shutdown;
 use crate::spill;
 use crate::store::{self, BatchId, Interrupter, Store};
 
-/// How often a waiting persister looks at the shutdown trigger.
-const POLL: Duration = Duration::from_millis(100);
+/// The longest a waiting persister sleeps. Only a safety net: a stop
+/// request unparks it (the guard) or disconnects the channel (the
+/// receiver's exit), and a chunk wakes it when it holds nothing.
+const POLL: Duration = Duration::from_secs(1);
 /// First and largest delay between attempts to write a failed batch.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -268,19 +270,9 @@ impl Persister {
     }
 }
 
-/// Sleeps for `duration`; returns false early if shutdown is requested.
+/// Sleeps for `duration`; returns false at once if shutdown is requested.
 fn sleep_unless_shutdown(duration: Duration, shutdown: &Shutdown) -> bool {
-    let until = Instant::now() + duration;
-    loop {
-        if shutdown.requested() {
-            return false;
-        }
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return true;
-        }
-        thread::sleep(left.min(POLL));
-    }
+    !shutdown.wait(duration)
 }
 
 /// What the final flush did, for the shutdown line and the exit code.

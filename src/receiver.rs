@@ -20,8 +20,13 @@ use crate::reading::{Rejection, parse_datagram};
 use crate::shutdown::{Shutdown, poll_readable};
 use crate::{Reading, error};
 
-/// How often a blocked receive or send looks at the shutdown trigger.
+/// How long a receiver holding a chunk the full queue refused waits before
+/// offering it again, and how often a blocked send looks at the shutdown
+/// trigger.
 const POLL: Duration = Duration::from_millis(100);
+/// The longest an idle receiver waits: a safety net only, as datagrams and
+/// stop requests wake it.
+const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Binds `addr` and asks the kernel for a `recv_buffer`-byte receive buffer,
 /// logging what it granted.
@@ -273,13 +278,14 @@ impl Receiver {
         let mut rejections = Vec::new();
         let mut chunk = Vec::with_capacity(self.chunk_size);
         while !self.shutdown.requested() {
-            if datagrams.pending() > 0 || self.wait_readable() {
+            let wait = if chunk.is_empty() { IDLE_POLL } else { POLL };
+            if datagrams.pending() > 0 || self.wait_readable(wait) {
                 // Take everything already waiting, so a burst becomes one
                 // chunk and one wake-up of the persister.
                 self.read_waiting(&mut datagrams, &mut chunk, &mut rejections, self.chunk_size);
             }
-            // After POLL without datagrams, this still retries handing over
-            // a chunk kept below.
+            // After POLL without datagrams, this retries handing over a
+            // chunk kept below.
             if chunk.is_empty() {
                 continue;
             }
@@ -345,11 +351,11 @@ impl Receiver {
         }
     }
 
-    /// Waits up to POLL for a datagram or a stop request; true if the
+    /// Waits up to `timeout` for a datagram or a stop request; true if the
     /// socket has something to read.
-    fn wait_readable(&mut self) -> bool {
+    fn wait_readable(&mut self, timeout: Duration) -> bool {
         let fds = [self.socket.as_fd(), self.shutdown.wake_fd()];
-        match poll_readable(&fds, POLL) {
+        match poll_readable(&fds, timeout) {
             Ok([socket, _]) => socket,
             Err(e) => {
                 self.log_error(&e);

@@ -105,9 +105,17 @@ pub fn run(
     info!("listening on {local}");
 
     let mut next_stats = Instant::now() + config.stats_interval;
-    // Wakes at once on a stop request; otherwise looks at the threads and
-    // the stats clock every 50 ms.
-    while !shutdown.wait(Duration::from_millis(50)) {
+    let stats_on = !config.stats_interval.is_zero();
+    // Wakes at once on a stop request; otherwise looks at the threads every
+    // 250 ms, and logs the counters on time.
+    loop {
+        let mut wait = Duration::from_millis(250);
+        if stats_on {
+            wait = wait.min(next_stats.saturating_duration_since(Instant::now()));
+        }
+        if shutdown.wait(wait) {
+            break;
+        }
         let finished = |h: Option<bool>| h.unwrap_or(false);
         if finished(guard.persister.as_ref().map(|h| h.is_finished()))
             || finished(guard.receiver.as_ref().map(|h| h.is_finished()))
@@ -115,7 +123,7 @@ pub fn run(
             error!("a worker thread stopped unexpectedly; shutting down");
             break;
         }
-        if !config.stats_interval.is_zero() && Instant::now() >= next_stats {
+        if stats_on && Instant::now() >= next_stats {
             next_stats += config.stats_interval;
             info!(
                 "stats: {}",

@@ -97,7 +97,9 @@ pub fn poll_readable<const N: usize>(
         events: libc::POLLIN,
         revents: 0,
     });
-    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // Rounded up: a wait of 0.3 ms must not become a busy poll.
+    let millis =
+        libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
     // SAFETY: `polled` is an array of N initialised pollfds.
     let ready = unsafe { libc::poll(polled.as_mut_ptr(), N as libc::nfds_t, millis) };
     if ready < 0 {
