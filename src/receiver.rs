@@ -430,6 +430,8 @@ impl Receiver {
         }
     }
 
+    /// Logs a failed receive (rate-limited) and pauses for POLL, so an
+    /// error that repeats at once does not spin the thread.
     fn log_error(&mut self, e: &io::Error) {
         if let Some(suppressed) = self.error_log.allow() {
             warn!(
@@ -438,6 +440,7 @@ impl Receiver {
                 suppressed_note(suppressed)
             );
         }
+        self.shutdown.wait(POLL);
     }
 }
 
