@@ -19,7 +19,8 @@ fn main() {
         std::process::exit(2);
     }
     let count: u64 = args[2].parse().expect("COUNT must be an integer");
-    let recv_buffer: usize = args.get(3).map_or(4_194_304, |a| {
+    // sensord serve's default --recv-buffer.
+    let recv_buffer: usize = args.get(3).map_or(134_217_728, |a| {
         a.parse().expect("RECV_BUFFER must be an integer")
     });
     let idle = Duration::from_secs_f64(
