@@ -257,11 +257,13 @@ done
 # --- report ----------------------------------------------------------------
 m() { median "$@"; }
 ceil=$(m "${CEIL[@]}") e2e=$(m "${E2E[@]}")
-ratio=$(calc "$e2e / $ceil" 3)
-# Each repetition's e2e over its own ceiling, measured minutes apart at most:
-# on a shared machine the load moves between repetitions more than within one.
+# Each repetition's e2e over its own ceiling, measured a minute apart: on a
+# shared machine the load moves between repetitions more than within one,
+# so the target is checked on the median of these, not on the ratio of
+# the two medians (which pairs figures from different repetitions).
 RATIOS=()
-for ((i = 0; i < ${#E2E[@]}; i++)); do RATIOS+=("$(calc "${E2E[i]} / ${CEIL[i]}" 2)"); done
+for ((i = 0; i < ${#E2E[@]}; i++)); do RATIOS+=("$(calc "${E2E[i]} / ${CEIL[i]}" 3)"); done
+ratio=$(m "${RATIOS[@]}")
 send_ratio=$(calc "$(m "${SEND_OWN[@]}") / $(m "${SEND_BARE[@]}")" 2)
 join() { local IFS=,; echo "$*"; }
 ok() { awk "BEGIN { exit !($1) }" && echo met || echo "NOT met"; }
@@ -273,8 +275,8 @@ ok() { awk "BEGIN { exit !($1) }" && echo met || echo "NOT met"; }
     printf '%-44s %14s  %s\n' "sender check: sensord send / bare send" "$send_ratio" "(< 0.90: bench_send is the sender)"
     printf '%-44s %14s\n' "bare-socket ceiling (datagrams/s)" "$ceil"
     printf '%-44s %14s\n' "sensord end to end (readings/s)" "$e2e"
-    printf '%-44s %14s  >= 0.95: %s\n' "  ratio to ceiling" "$ratio" "$(ok "$ratio >= 0.95")"
-    printf '%-44s %14s\n' "  ratio within each repetition" "$(join "${RATIOS[@]}")"
+    printf '%-44s %14s  >= 0.95: %s\n' "  ratio to ceiling, median of repetitions" "$ratio" "$(ok "$ratio >= 0.95")"
+    printf '%-44s %14s\n' "  ratio in each repetition" "$(join "${RATIOS[@]}")"
     printf '%-44s %14s  0: %s\n' "  loss (sent - stored), per run" "$(join "${LOSS[@]}")" "$(ok "$(m "${LOSS[@]}") == 0")"
     printf '%-44s %14s  >= 1300000: %s\n' "drain capacity (readings/s)" "$(m "${DRAIN[@]}")" "$(ok "$(m "${DRAIN[@]}") >= 1300000")"
     printf '%-44s %14s\n' "  drain loss, per run" "$(join "${DRAIN_LOSS[@]}")"
