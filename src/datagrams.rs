@@ -21,6 +21,7 @@ const MAX_DATAGRAM: usize = 65_536;
 /// Receive buffers for up to `SLOTS` datagrams, and those the last call
 /// received that have not been taken yet.
 pub struct Datagrams {
+    /// `SLOTS` buffers of `MAX_DATAGRAM` bytes, one after another.
     bufs: Box<[u8]>,
     /// Length and source of each datagram the last call received.
     received: Vec<(usize, SocketAddr)>,
@@ -28,6 +29,7 @@ pub struct Datagrams {
     taken: usize,
     /// When the last call returned, as unix seconds.
     received_at: f64,
+    /// The kernel's view of `bufs`, reused by every call.
     #[cfg(target_os = "linux")]
     sys: linux::Headers,
 }
@@ -101,8 +103,12 @@ mod linux {
     /// `recvmmsg`'s headers. They point into the buffers and into
     /// themselves, all boxed, so moving `Headers` leaves them valid.
     pub struct Headers {
+        /// One per slot: where its datagram goes.
         iovs: Box<[libc::iovec]>,
+        /// One per slot: where the kernel writes the datagram's source.
         addrs: Box<[libc::sockaddr_storage]>,
+        /// One per slot, pointing at its `iovs` and `addrs` entries; the
+        /// kernel writes each datagram's length into it.
         msgs: Box<[libc::mmsghdr]>,
     }
 

@@ -19,11 +19,13 @@ use std::time::Duration;
 pub struct Shutdown {
     /// Incremented by signal handlers, so it must stay a bare atomic.
     requests: Arc<AtomicUsize>,
+    /// Written on every request, never read: polls readable once stopping.
     wake: Arc<Wake>,
 }
 
 #[derive(Debug)]
 struct Wake {
+    /// What waiting threads poll.
     read: UnixStream,
     /// Non-blocking: a request never waits for room, and one byte is enough.
     write: UnixStream,

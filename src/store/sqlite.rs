@@ -81,7 +81,9 @@ const CHECKPOINT_PAGES: i32 = 10_000;
 /// their fsyncs (about a tenth of its time at full speed); a PASSIVE
 /// checkpoint never blocks the writer.
 struct Checkpointer {
+    /// Dropping it (with the hook's clone) ends the thread's loop.
     wake: Option<crossbeam_channel::Sender<()>>,
+    /// Joined before the writer closes, so the writer's close is the last.
     thread: Option<thread::JoinHandle<()>>,
 }
 
