@@ -65,77 +65,68 @@ pub struct SqliteStore {
     /// SQLite's own busy handler ignores `sqlite3_interrupt`, so the wait
     /// for the write lock is our loop, which watches this.
     interrupted: Arc<AtomicBool>,
-    /// Copies the WAL into the database file beside the writer (None for
-    /// read-only use).
-    checkpointer: Option<Checkpointer>,
+    /// The thread that copies the WAL into the database file beside the
+    /// writer (see `start_checkpointer`); None for read-only use.
+    checkpointer: Option<thread::JoinHandle<()>>,
 }
 
 /// WAL size, in pages, from which a commit asks for a checkpoint: 40 MiB,
 /// so one checkpoint writes each hot index page once for several batches.
 const CHECKPOINT_PAGES: i32 = 10_000;
 
-/// A thread with its own connection that copies committed pages from the
-/// WAL into the database file when the writer's commits have grown the WAL
-/// past `CHECKPOINT_PAGES`. SQLite's own automatic checkpoint does that
-/// inside the commit, so the persister would wait for those writes and
-/// their fsyncs (about a tenth of its time at full speed); a PASSIVE
-/// checkpoint never blocks the writer.
-struct Checkpointer {
-    /// Dropping it (with the hook's clone) ends the thread's loop.
-    wake: Option<crossbeam_channel::Sender<()>>,
-    /// Joined before the writer closes, so the writer's close is the last.
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Checkpointer {
-    /// Starts the thread and hooks it to `writer`'s commits.
-    fn start(path: &str, writer: &mut Connection) -> Result<Self, Error> {
-        let open_error = |e: rusqlite::Error| Error::Open {
-            db: path.to_string(),
-            cause: cause(&e),
-        };
-        let conn = Connection::open(path).map_err(open_error)?;
-        // A connection learns the file is in WAL mode on its first read;
-        // until then a checkpoint does nothing.
-        conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
-            .map_err(open_error)?;
-        // At most one request waits: commits during a checkpoint need one more.
-        let (wake, requests) = crossbeam_channel::bounded::<()>(1);
-        let label = path.to_string();
-        let thread = thread::Builder::new()
-            .name("checkpointer".into())
-            .spawn(move || {
-                for () in requests {
-                    let started = Instant::now();
-                    match conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
-                        Ok((wal, copied)) => debug!(
-                            "checkpoint copied {copied} of {wal} WAL pages in {:.1} ms",
-                            started.elapsed().as_secs_f64() * 1e3
-                        ),
-                        // The next request retries; the WAL only grows meanwhile.
-                        Err(e) => warn!("checkpoint of {label} failed: {}", cause(&e)),
-                    }
+/// Starts a thread with its own connection that copies committed pages
+/// from the WAL into the database file when the writer's commits have grown
+/// the WAL past `CHECKPOINT_PAGES`, and hooks it to `writer`'s commits.
+/// SQLite's own automatic checkpoint does that inside the commit, so the
+/// persister would wait for those writes and their fsyncs (about a tenth of
+/// its time at full speed); a PASSIVE checkpoint never blocks the writer.
+///
+/// The hook holds the thread's only sender: removing the hook ends it.
+fn start_checkpointer(
+    path: &str,
+    writer: &mut Connection,
+) -> Result<thread::JoinHandle<()>, Error> {
+    let open_error = |e: rusqlite::Error| Error::Open {
+        db: path.to_string(),
+        cause: cause(&e),
+    };
+    let conn = Connection::open(path).map_err(open_error)?;
+    // A connection learns the file is in WAL mode on its first read; until
+    // then a checkpoint does nothing.
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
+        .map_err(open_error)?;
+    // At most one request waits: commits during a checkpoint need one more.
+    let (wake, requests) = crossbeam_channel::bounded::<()>(1);
+    let label = path.to_string();
+    let thread = thread::Builder::new()
+        .name("checkpointer".into())
+        .spawn(move || {
+            for () in requests {
+                let started = Instant::now();
+                match conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
+                    Ok((wal, copied)) => debug!(
+                        "checkpoint copied {copied} of {wal} WAL pages in {:.1} ms",
+                        started.elapsed().as_secs_f64() * 1e3
+                    ),
+                    // The next request retries; the WAL only grows meanwhile.
+                    Err(e) => warn!("checkpoint of {label} failed: {}", cause(&e)),
                 }
-            })
-            .map_err(|source| Error::Thread {
-                name: "checkpointer",
-                source,
-            })?;
-        let hook_wake = wake.clone();
-        // Replaces SQLite's automatic checkpoint, which uses the same hook.
-        writer
-            .wal_hook(Some(move |_: &mut Wal, pages: c_int| {
-                if pages >= CHECKPOINT_PAGES {
-                    let _ = hook_wake.try_send(());
-                }
-                Ok(())
-            }))
-            .map_err(open_error)?;
-        Ok(Checkpointer {
-            wake: Some(wake),
-            thread: Some(thread),
+            }
         })
-    }
+        .map_err(|source| Error::Thread {
+            name: "checkpointer",
+            source,
+        })?;
+    // Replaces SQLite's automatic checkpoint, which uses the same hook.
+    writer
+        .wal_hook(Some(move |_: &mut Wal, pages: c_int| {
+            if pages >= CHECKPOINT_PAGES {
+                let _ = wake.try_send(());
+            }
+            Ok(())
+        }))
+        .map_err(open_error)?;
+    Ok(thread)
 }
 
 impl Drop for SqliteStore {
@@ -143,17 +134,14 @@ impl Drop for SqliteStore {
     /// the last connection and its close checkpoints the whole WAL and
     /// removes it: a stopped daemon leaves one self-contained file.
     fn drop(&mut self) {
-        let Some(mut checkpointer) = self.checkpointer.take() else {
+        let Some(checkpointer) = self.checkpointer.take() else {
             return;
         };
-        // The hook holds a sender too; dropping both ends the thread's loop.
+        // Dropping the hook drops the checkpointer's only sender.
         let _ = self
             .conn
             .wal_hook(None::<fn(&mut Wal, c_int) -> rusqlite::Result<()>>);
-        checkpointer.wake.take();
-        if let Some(thread) = checkpointer.thread.take() {
-            let _ = thread.join();
-        }
+        let _ = checkpointer.join();
     }
 }
 
@@ -191,7 +179,7 @@ impl SqliteStore {
         })?;
         // From here on, lock waits are `begin`'s loop, which can be interrupted.
         conn.busy_timeout(Duration::ZERO).map_err(open_error)?;
-        let checkpointer = Checkpointer::start(path, &mut conn)?;
+        let checkpointer = start_checkpointer(path, &mut conn)?;
         Ok(SqliteStore {
             conn,
             path: path.to_string(),
