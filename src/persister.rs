@@ -386,7 +386,6 @@ impl ShutdownGuard {
             uncommitted.rest.extend(chunk);
         }
         uncommitted.rest.append(&mut tail);
-        store::sort_for_index(&mut uncommitted.rest);
         if uncommitted.retry.is_some() || !uncommitted.rest.is_empty() {
             let uncommitted = if persister_stuck {
                 warn!("the persister did not stop after a second signal; spilling what it held");
@@ -422,7 +421,9 @@ impl ShutdownGuard {
 
     /// Commits the uncommitted readings on a helper thread, so a second
     /// signal can abandon it. Returns what did not commit.
-    fn final_flush(&mut self, uncommitted: Uncommitted) -> Option<Uncommitted> {
+    fn final_flush(&mut self, mut uncommitted: Uncommitted) -> Option<Uncommitted> {
+        // The retried batch was sorted when it was first taken.
+        store::sort_for_index(&mut uncommitted.rest);
         let started = Instant::now();
         let shared = Arc::clone(&self.shared);
         let rest = Arc::new(uncommitted.rest);
