@@ -61,6 +61,38 @@ pub struct SensorSummary {
     pub humidity: MinAvgMax,
 }
 
+impl SensorSummary {
+    /// Reads one row of `per_sensor_sql` through a driver's getters.
+    fn from_row<E>(
+        int: impl Fn(usize) -> Result<i64, E>,
+        real: impl Fn(usize) -> Result<f64, E>,
+    ) -> Result<Self, E> {
+        let stats = |first: usize| -> Result<MinAvgMax, E> {
+            Ok(MinAvgMax {
+                min: real(first)?,
+                avg: real(first + 1)?,
+                max: real(first + 2)?,
+            })
+        };
+        Ok(SensorSummary {
+            sensor_id: int(0)?,
+            readings: int(1)? as u64,
+            temperature: stats(2)?,
+            humidity: stats(5)?,
+        })
+    }
+}
+
+/// Per-sensor aggregates of `table` (already quoted as the store needs), in
+/// the column order `SensorSummary::from_row` reads.
+fn per_sensor_sql(table: &str) -> String {
+    format!(
+        "SELECT sensor_id, COUNT(*), MIN(temperature), AVG(temperature), MAX(temperature),
+                MIN(humidity), AVG(humidity), MAX(humidity)
+         FROM {table} GROUP BY sensor_id ORDER BY sensor_id"
+    )
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct MinAvgMax {
     pub min: f64,

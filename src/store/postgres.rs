@@ -25,7 +25,7 @@ use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::Type;
 use postgres::{CancelToken, Client, Config, NoTls, Transaction};
 
-use super::{BatchId, Interrupter, MinAvgMax, Options, SensorSummary, Store, Summary};
+use super::{BatchId, Interrupter, Options, SensorSummary, Store, Summary, per_sensor_sql};
 use crate::error::Error;
 use crate::reading::Reading;
 
@@ -463,32 +463,10 @@ impl Store for PostgresStore {
                 ),
                 &[],
             )?;
-            let rows = client.query(
-                &format!(
-                    "SELECT sensor_id, COUNT(*), MIN(temperature), AVG(temperature),
-                            MAX(temperature), MIN(humidity), AVG(humidity), MAX(humidity)
-                     FROM {table} GROUP BY sensor_id ORDER BY sensor_id"
-                ),
-                &[],
-            )?;
-            let per_sensor = rows
+            let per_sensor = client
+                .query(&per_sensor_sql(&table), &[])?
                 .iter()
-                .map(|row| {
-                    Ok(SensorSummary {
-                        sensor_id: row.try_get(0)?,
-                        readings: row.try_get::<_, i64>(1)? as u64,
-                        temperature: MinAvgMax {
-                            min: row.try_get(2)?,
-                            avg: row.try_get(3)?,
-                            max: row.try_get(4)?,
-                        },
-                        humidity: MinAvgMax {
-                            min: row.try_get(5)?,
-                            avg: row.try_get(6)?,
-                            max: row.try_get(7)?,
-                        },
-                    })
-                })
+                .map(|row| SensorSummary::from_row(|i| row.try_get(i), |i| row.try_get(i)))
                 .collect::<Result<Vec<_>, postgres::Error>>()?;
             let first: Option<f64> = totals.try_get(1)?;
             let last: Option<f64> = totals.try_get(2)?;

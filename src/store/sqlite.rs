@@ -13,7 +13,7 @@ use rusqlite::hooks::Wal;
 use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use super::{BatchId, Interrupter, MinAvgMax, Options, SensorSummary, Store, Summary};
+use super::{BatchId, Interrupter, Options, SensorSummary, Store, Summary, per_sensor_sql};
 use crate::error::Error;
 use crate::reading::{Reading, unix_now};
 
@@ -388,28 +388,11 @@ impl Store for SqliteStore {
             .map_err(sql_error)?;
         let mut statement = self
             .conn
-            .prepare(
-                "SELECT sensor_id, COUNT(*), MIN(temperature), AVG(temperature), MAX(temperature),
-                        MIN(humidity), AVG(humidity), MAX(humidity)
-                 FROM sensor_measurements GROUP BY sensor_id ORDER BY sensor_id",
-            )
+            .prepare(&per_sensor_sql(super::DEFAULT_TABLE))
             .map_err(sql_error)?;
         let per_sensor = statement
             .query_map([], |row| {
-                Ok(SensorSummary {
-                    sensor_id: row.get(0)?,
-                    readings: row.get::<_, i64>(1)? as u64,
-                    temperature: MinAvgMax {
-                        min: row.get(2)?,
-                        avg: row.get(3)?,
-                        max: row.get(4)?,
-                    },
-                    humidity: MinAvgMax {
-                        min: row.get(5)?,
-                        avg: row.get(6)?,
-                        max: row.get(7)?,
-                    },
-                })
+                SensorSummary::from_row(|i| row.get(i), |i| row.get(i))
             })
             .map_err(sql_error)?
             .collect::<Result<Vec<_>, _>>()
