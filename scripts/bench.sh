@@ -70,6 +70,24 @@ median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 
 die() { echo "bench: $*" >&2; exit 1; }
 # utime + stime of a process, in clock ticks.
 cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+# thread_ticks PID NAME: utime + stime of PID's thread named NAME (0 if none).
+thread_ticks() {
+    local t
+    for t in /proc/"$1"/task/*; do
+        if [[ "$(cat "$t/comm" 2>/dev/null)" == "$2" ]]; then
+            cpu_ticks "$1/task/${t##*/}"
+            return
+        fi
+    done
+    echo 0
+}
+# The daemon's threads, as `thread_ticks` names them.
+THREADS=(receiver persister checkpointer)
+# all_thread_ticks PID: the ticks of each of THREADS, space-separated.
+all_thread_ticks() {
+    local name
+    for name in "${THREADS[@]}"; do printf '%s ' "$(thread_ticks "$1" "$name")"; done
+}
 peak_rss_kib() { awk '/^VmHWM/ { print $2 }' "/proc/$1/status"; }
 # Latest modification of the database or its WAL: the last commit.
 last_write() { stat -c %.9Y "$1" "$1-wal" 2>/dev/null | sort -g | tail -1; }
@@ -146,6 +164,12 @@ blast() { "$BIN/examples/bench_send" "$1" "$2" | grep -o 'sent=[0-9]*' | cut -d=
 
 # --- the measurements; each appends to its array ---------------------------
 declare -a CEIL E2E LOSS CPU_US RSS DRAIN DRAIN_LOSS FLUSH FLUSH_COMMIT FLUSH_Q IDLE SEND_OWN SEND_BARE
+# Per thread (receiver, persister, checkpointer): CPU per reading in the e2e
+# and drain runs, and the share of the drain's wall time each was on a CPU.
+declare -a E2E_RECV_US E2E_PERS_US E2E_CKPT_US DRAIN_RECV_US DRAIN_PERS_US DRAIN_CKPT_US
+declare -a DRAIN_RECV_BUSY DRAIN_PERS_BUSY DRAIN_CKPT_BUSY
+# us_per TICKS_BEFORE TICKS_AFTER ROWS: CPU microseconds per row.
+us_per() { calc "($2 - $1) / $CLK_TCK * 1e6 / ($3 > 0 ? $3 : 1)" 2; }
 
 measure_ceiling() {
     local out="$WORK/bare.out" t0 got last
@@ -166,10 +190,15 @@ measure_e2e() {
     local t0 c0 c1
     start_daemon e2e 0
     c0=$(cpu_ticks "$DPID")
+    read -r -a th0 <<<"$(all_thread_ticks "$DPID")"
     t0=$(now)
     SENT=$(blast "$DADDR" "$N")
     wait_committed "$SENT"
     c1=$(cpu_ticks "$DPID")
+    read -r -a th1 <<<"$(all_thread_ticks "$DPID")"
+    E2E_RECV_US+=("$(us_per "${th0[0]}" "${th1[0]}" "$ROWS")")
+    E2E_PERS_US+=("$(us_per "${th0[1]}" "${th1[1]}" "$ROWS")")
+    E2E_CKPT_US+=("$(us_per "${th0[2]}" "${th1[2]}" "$ROWS")")
     RSS+=("$(calc "$(peak_rss_kib "$DPID") / 1024" 1)")
     stop_daemon
     E2E+=("$(calc "$ROWS / ($COMMITTED_AT - $t0)" 0)")
@@ -182,11 +211,23 @@ measure_drain() {
     start_daemon drain 0 --recv-buffer "$(big_buffer "$N")"
     kill -STOP "$DPID"
     SENT=$(blast "$DADDR" "$N")
+    read -r -a th0 <<<"$(all_thread_ticks "$DPID")"
     t0=$(now)
     kill -CONT "$DPID"
     wait_committed "$SENT"
+    read -r -a th1 <<<"$(all_thread_ticks "$DPID")"
     stop_daemon
-    DRAIN+=("$(calc "$ROWS / ($COMMITTED_AT - $t0)" 0)")
+    local secs
+    secs=$(calc "$COMMITTED_AT - $t0")
+    DRAIN+=("$(calc "$ROWS / $secs" 0)")
+    DRAIN_RECV_US+=("$(us_per "${th0[0]}" "${th1[0]}" "$ROWS")")
+    DRAIN_PERS_US+=("$(us_per "${th0[1]}" "${th1[1]}" "$ROWS")")
+    DRAIN_CKPT_US+=("$(us_per "${th0[2]}" "${th1[2]}" "$ROWS")")
+    # Ticks counted while waiting for the last commit to show fall after
+    # COMMITTED_AT, so a thread busy throughout reads slightly above 1.
+    DRAIN_RECV_BUSY+=("$(calc "(${th1[0]} - ${th0[0]}) / $CLK_TCK / $secs" 2)")
+    DRAIN_PERS_BUSY+=("$(calc "(${th1[1]} - ${th0[1]}) / $CLK_TCK / $secs" 2)")
+    DRAIN_CKPT_BUSY+=("$(calc "(${th1[2]} - ${th0[2]}) / $CLK_TCK / $secs" 2)")
     DRAIN_LOSS+=("$((SENT - ROWS))")
 }
 
@@ -280,7 +321,13 @@ ok() { awk "BEGIN { exit !($1) }" && echo met || echo "NOT met"; }
     printf '%-44s %14s  0: %s\n' "  loss (sent - stored), per run" "$(join "${LOSS[@]}")" "$(ok "$(m "${LOSS[@]}") == 0")"
     printf '%-44s %14s  >= 1300000: %s\n' "drain capacity (readings/s)" "$(m "${DRAIN[@]}")" "$(ok "$(m "${DRAIN[@]}") >= 1300000")"
     printf '%-44s %14s\n' "  drain loss, per run" "$(join "${DRAIN_LOSS[@]}")"
+    printf '%-44s %14s\n' "  receiver/persister/checkpointer (us)" \
+        "$(m "${DRAIN_RECV_US[@]}")/$(m "${DRAIN_PERS_US[@]}")/$(m "${DRAIN_CKPT_US[@]}")"
+    printf '%-44s %14s\n' "  share of wall time each thread ran" \
+        "$(m "${DRAIN_RECV_BUSY[@]}")/$(m "${DRAIN_PERS_BUSY[@]}")/$(m "${DRAIN_CKPT_BUSY[@]}")"
     printf '%-44s %14s\n' "CPU per reading at full speed (us)" "$(m "${CPU_US[@]}")"
+    printf '%-44s %14s\n' "  receiver/persister/checkpointer (us)" \
+        "$(m "${E2E_RECV_US[@]}")/$(m "${E2E_PERS_US[@]}")/$(m "${E2E_CKPT_US[@]}")"
     printf '%-44s %14s  <= 1: %s\n' "CPU at 100 readings/s (% of one core)" "$(m "${IDLE[@]}")" "$(ok "$(m "${IDLE[@]}") <= 1")"
     printf '%-44s %14s  <= 64: %s\n' "peak RSS, e2e run (MiB)" "$(m "${RSS[@]}")" "$(ok "$(m "${RSS[@]}") <= 64")"
     printf '%-44s %14s  <= 0.5: %s\n' "final flush, SIGTERM -> exit (s)" "$(m "${FLUSH[@]}")" "$(ok "$(m "${FLUSH[@]}") <= 0.5")"
@@ -305,7 +352,10 @@ cat >"$OUT" <<EOF
   "e2e_loss": [$(join "${LOSS[@]}")],
   "drain_per_s": {"median": $(m "${DRAIN[@]}"), "runs": [$(join "${DRAIN[@]}")]},
   "drain_loss": [$(join "${DRAIN_LOSS[@]}")],
+  "drain_thread_us_per_reading": {"receiver": [$(join "${DRAIN_RECV_US[@]}")], "persister": [$(join "${DRAIN_PERS_US[@]}")], "checkpointer": [$(join "${DRAIN_CKPT_US[@]}")]},
+  "drain_thread_busy_share": {"receiver": [$(join "${DRAIN_RECV_BUSY[@]}")], "persister": [$(join "${DRAIN_PERS_BUSY[@]}")], "checkpointer": [$(join "${DRAIN_CKPT_BUSY[@]}")]},
   "cpu_us_per_reading": {"median": $(m "${CPU_US[@]}"), "runs": [$(join "${CPU_US[@]}")]},
+  "e2e_thread_us_per_reading": {"receiver": [$(join "${E2E_RECV_US[@]}")], "persister": [$(join "${E2E_PERS_US[@]}")], "checkpointer": [$(join "${E2E_CKPT_US[@]}")]},
   "idle_cpu_pct_at_100_per_s": {"median": $(m "${IDLE[@]}"), "runs": [$(join "${IDLE[@]}")]},
   "peak_rss_mib": {"median": $(m "${RSS[@]}"), "runs": [$(join "${RSS[@]}")]},
   "final_flush_s": {"median": $(m "${FLUSH[@]}"), "runs": [$(join "${FLUSH[@]}")]},
