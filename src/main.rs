@@ -49,7 +49,9 @@ struct ServeArgs {
     /// The most readings in one transaction.
     #[arg(long, default_value_t = 250_000, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
-    /// Longest a reading waits before its batch is committed.
+    /// How long a batch gathers readings before it commits, from when the
+    /// persister takes its first (at once when idle, after the commit in
+    /// progress when busy).
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     flush_interval: Duration,
     /// The most readings held in memory between receiver and persister.

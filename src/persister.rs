@@ -90,7 +90,11 @@ impl Shared {
 pub struct BatchConfig {
     /// The most readings in one transaction.
     pub batch_size: usize,
-    /// The longest a reading waits in a batch before it is committed.
+    /// How long a batch gathers readings, from the persister taking its
+    /// first, before it is committed. Readings queued during a commit are
+    /// taken after it, so under load batches gather a commit's time longer
+    /// and come out larger, which keeps the index cheap (timing them from
+    /// their arrival instead measured about 10% more CPU per reading).
     pub flush_interval: Duration,
 }
 
