@@ -51,7 +51,7 @@ struct ServeArgs {
     batch_size: u64,
     /// How long a batch gathers readings before it commits, from when the
     /// persister takes its first (at once when idle, after the commit in
-    /// progress when busy).
+    /// progress when busy; half a batch queued during a commit goes at once).
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     flush_interval: Duration,
     /// The most readings held in memory between receiver and persister.

@@ -94,7 +94,8 @@ pub struct BatchConfig {
     /// first, before it is committed. Readings queued during a commit are
     /// taken after it, so under load batches gather a commit's time longer
     /// and come out larger, which keeps the index cheap (timing them from
-    /// their arrival instead measured about 10% more CPU per reading).
+    /// their arrival instead measured about 10% more CPU per reading). Half
+    /// a batch or more queued during a commit is committed at once.
     pub flush_interval: Duration,
 }
 
@@ -141,6 +142,12 @@ impl Persister {
         // When the oldest held reading arrived, if any are held.
         let mut oldest: Option<Instant> = None;
         let mut held = 0usize;
+        // Set by a commit, until the next look at the queue.
+        let mut just_committed = false;
+        // Half a batch or more queued during the last commit: the persister
+        // is what limits the rate, and gathering for --flush-interval would
+        // only idle it while the backlog grows, so it commits them at once.
+        let mut behind = false;
         while !self.shared.shutdown.requested() {
             let wait = match oldest {
                 Some(since) => self
@@ -178,20 +185,23 @@ impl Persister {
                         }
                     }
                     held = self.take(chunks, &mut oldest);
+                    behind = just_committed && held >= batch_size.div_ceil(2);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            just_committed = false;
             let due = |oldest: Option<Instant>| {
                 oldest.is_some_and(|since| since.elapsed() >= self.config.flush_interval)
             };
             // A commit restarts the clock for what it left held.
-            while held >= batch_size || (held > 0 && due(oldest)) {
+            while held >= batch_size || (held > 0 && (behind || due(oldest))) {
                 let Some(left) = self.commit(batch_size) else {
                     return;
                 };
                 held = left;
                 oldest = (held > 0).then(Instant::now);
+                (just_committed, behind) = (true, false);
                 if self.shared.shutdown.requested() {
                     return;
                 }

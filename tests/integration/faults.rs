@@ -229,6 +229,41 @@ fn lock_held_mid_run_loses_nothing() {
     assert_eq!(distinct_ids(&scratch.db), 5000);
 }
 
+/// A persister that fell behind does not idle: half a batch or more queued
+/// during a commit (here one stalled by another writer's lock) is committed
+/// at once, not after gathering for --flush-interval (an hour here).
+#[test]
+fn backlog_queued_during_a_commit_is_committed_at_once() {
+    let scratch = Scratch::new();
+    let mut server = Server::start(
+        scratch.path(),
+        &[
+            "--db",
+            scratch.db_arg(),
+            "--batch-size",
+            "1000",
+            "--flush-interval",
+            "1h",
+            "--busy-timeout",
+            "200ms",
+            "--stats-interval",
+            "50ms",
+        ],
+    );
+    let lock = WriteLock::take(&scratch.db);
+    send_datagrams(server.addr, (0..1000).map(unique));
+    server.wait_for_line("attempt 1 to commit 1000 readings", EXIT);
+    send_datagrams(server.addr, (1000..1600).map(unique));
+    server.wait_for_count("queued", 600, EXIT);
+    drop(lock);
+    server.wait_for_count("persisted", 1600, EXIT);
+    assert_eq!(row_count(&scratch.db), 1600);
+    let status = server.stop_with(libc::SIGTERM, EXIT);
+    assert!(status.success(), "log:\n{}", server.log_text());
+    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 0);
+    assert_eq!(distinct_ids(&scratch.db), 1600);
+}
+
 /// The lock is held through shutdown: the final flush spills, exit 1; the
 /// next start replays the spill file and removes it.
 #[test]
