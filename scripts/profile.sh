@@ -114,7 +114,7 @@ if [[ $MODE != flush ]]; then
     wait "$DPID" || die "sensord exited with status $?"
 fi
 
-report() { perf report -i "$WORK/perf.data" --stdio --no-children --percent-limit "$1" "${@:2}" 2>/dev/null | grep -v '^#' | grep -v '^$'; }
+report() { perf report -i "$WORK/perf.data" --stdio --no-children --percent-limit "$1" "${@:2}" 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *$//'; }
 echo
 echo "sensord profile: $MODE, N=$N, $(nproc) CPUs, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 echo "$(grep -o 'shutdown complete.*' "$LOG")"
