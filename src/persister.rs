@@ -456,7 +456,7 @@ impl ShutdownGuard {
                         retried = true;
                     }
                     if !rest_for_flusher.is_empty() {
-                        store.write_batch(id, &rest_for_flusher)?;
+                        store.write_final(id, &rest_for_flusher)?;
                     }
                     Ok(())
                 })();

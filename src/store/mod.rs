@@ -30,6 +30,13 @@ pub trait Store: Send {
     /// Commits `readings` in one transaction: all of them or none.
     fn write_batch(&mut self, id: BatchId, readings: &[Reading]) -> Result<(), Error>;
 
+    /// Commits the final flush's readings like `write_batch`, as the last
+    /// write before the store is dropped, so the store may prepare for
+    /// closing first.
+    fn write_final(&mut self, id: BatchId, readings: &[Reading]) -> Result<(), Error> {
+        self.write_batch(id, readings)
+    }
+
     /// Commits the readings of a spill file in one transaction, recording
     /// `key` with them. Returns false, writing nothing, if `key` was already
     /// imported: replay is idempotent across a crash before the file's removal.

@@ -134,14 +134,7 @@ impl Drop for SqliteStore {
     /// the last connection and its close checkpoints the whole WAL and
     /// removes it: a stopped daemon leaves one self-contained file.
     fn drop(&mut self) {
-        let Some(checkpointer) = self.checkpointer.take() else {
-            return;
-        };
-        // Dropping the hook drops the checkpointer's only sender.
-        let _ = self
-            .conn
-            .wal_hook(None::<fn(&mut Wal, c_int) -> rusqlite::Result<()>>);
-        let _ = checkpointer.join();
+        self.stop_checkpointer();
     }
 }
 
@@ -158,8 +151,18 @@ impl SqliteStore {
         // WAL lets readers (sqlite3, `sensord stats`) work while we write;
         // NORMAL syncs at checkpoints, not every commit, which WAL keeps safe
         // against corruption (a power cut can lose only the last commits).
-        conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
+        // A clean stop leaves the file in rollback-journal mode (see
+        // `leave_wal`); switching back waits, up to the busy timeout, for a
+        // reader in the middle of a read.
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(open_error)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Open {
+                db: path.to_string(),
+                cause: format!("cannot switch from journal mode {mode} to WAL"),
+            });
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(open_error)?;
         // 16 MiB of page cache holds the index pages a sorted batch touches
@@ -211,15 +214,16 @@ impl SqliteStore {
 
     /// Starts a write transaction, waiting up to `busy_timeout` for another
     /// writer's lock; IMMEDIATE takes the lock up front, so a batch never
-    /// waits halfway through.
-    fn begin(&self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    /// waits halfway through. (EXCLUSIVE also keeps readers out, which only
+    /// a rollback journal needs.)
+    fn begin(&self, behavior: TransactionBehavior) -> rusqlite::Result<rusqlite::Transaction<'_>> {
         let deadline = Instant::now() + self.busy_timeout;
         let mut pause = Duration::from_millis(1);
         loop {
             if self.interrupted.load(Ordering::SeqCst) {
                 return Err(interrupted_error());
             }
-            match rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate) {
+            match rusqlite::Transaction::new_unchecked(&self.conn, behavior) {
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
                 {
@@ -227,6 +231,62 @@ impl SqliteStore {
                     pause = (pause * 2).min(Duration::from_millis(20));
                 }
                 result => return result,
+            }
+        }
+    }
+
+    /// Commits `readings` in one transaction begun with `behavior`.
+    fn write(&mut self, readings: &[Reading], behavior: TransactionBehavior) -> Result<(), Error> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("store::write_batch", |message| Err(Error::database(
+            format!("cannot write batch to {}", self.path),
+            message.unwrap_or_else(|| "injected failure".to_string())
+        )));
+        let what = || format!("cannot write {} readings to {}", readings.len(), self.path);
+        let tx = self
+            .begin(behavior)
+            .map_err(|e| Error::database(what(), cause(&e)))?;
+        Self::insert_all(&tx, readings, &self.interrupted)
+            .map_err(|e| Error::database(what(), cause(&e)))?;
+        tx.commit().map_err(|e| Error::database(what(), cause(&e)))
+    }
+
+    /// Stops the checkpointer, if running, so the writer is the only
+    /// connection this process has to the file.
+    fn stop_checkpointer(&mut self) {
+        let Some(checkpointer) = self.checkpointer.take() else {
+            return;
+        };
+        // Dropping the hook drops the checkpointer's only sender.
+        let _ = self
+            .conn
+            .wal_hook(None::<fn(&mut Wal, c_int) -> rusqlite::Result<()>>);
+        let _ = checkpointer.join();
+    }
+
+    /// Switches the file to a rollback journal for its last transaction,
+    /// if no other connection has it open; returns true if it did. A large
+    /// final batch then writes each page once, into the database file,
+    /// instead of into the WAL and once more when closing copies the WAL
+    /// back (a million readings: about a quarter of a second less). It is
+    /// as durable, and leaves one self-contained file all the same; the
+    /// next `open` switches back to WAL. With another connection open (a
+    /// reader), the file stays in WAL mode and closing checkpoints as usual.
+    fn leave_wal(&mut self) -> bool {
+        self.stop_checkpointer();
+        match self
+            .conn
+            .pragma_update_and_check(None, "journal_mode", "DELETE", |row| {
+                row.get::<_, String>(0)
+            }) {
+            Ok(mode) if mode.eq_ignore_ascii_case("delete") => true,
+            Ok(mode) => {
+                debug!("final flush stays in journal mode {mode}");
+                false
+            }
+            Err(e) => {
+                debug!("final flush stays in WAL mode: {}", cause(&e));
+                false
             }
         }
     }
@@ -324,18 +384,18 @@ fn cause(e: &rusqlite::Error) -> String {
 
 impl Store for SqliteStore {
     fn write_batch(&mut self, _id: BatchId, readings: &[Reading]) -> Result<(), Error> {
-        #[cfg(feature = "failpoints")]
-        fail::fail_point!("store::write_batch", |message| Err(Error::database(
-            format!("cannot write batch to {}", self.path),
-            message.unwrap_or_else(|| "injected failure".to_string())
-        )));
-        let what = || format!("cannot write {} readings to {}", readings.len(), self.path);
-        let tx = self
-            .begin()
-            .map_err(|e| Error::database(what(), cause(&e)))?;
-        Self::insert_all(&tx, readings, &self.interrupted)
-            .map_err(|e| Error::database(what(), cause(&e)))?;
-        tx.commit().map_err(|e| Error::database(what(), cause(&e)))
+        self.write(readings, TransactionBehavior::Immediate)
+    }
+
+    fn write_final(&mut self, _id: BatchId, readings: &[Reading]) -> Result<(), Error> {
+        // Without WAL, readers arriving mid-transaction would make its
+        // page writes wait; EXCLUSIVE keeps them out until it commits.
+        let behavior = if self.leave_wal() {
+            TransactionBehavior::Exclusive
+        } else {
+            TransactionBehavior::Immediate
+        };
+        self.write(readings, behavior)
     }
 
     fn import_spill(&mut self, key: &str, readings: &[Reading]) -> Result<bool, Error> {

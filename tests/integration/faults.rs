@@ -264,6 +264,38 @@ fn backlog_queued_during_a_commit_is_committed_at_once() {
     assert_eq!(distinct_ids(&scratch.db), 1600);
 }
 
+/// A reader with the file open at a stop keeps it in WAL mode (leaving WAL
+/// needs the writer alone); the final flush commits everything all the same.
+#[test]
+fn reader_open_at_stop_keeps_wal_and_loses_nothing() {
+    let scratch = Scratch::new();
+    let mut server = Server::start(
+        scratch.path(),
+        &[
+            "--db",
+            scratch.db_arg(),
+            "--flush-interval",
+            "1h",
+            "--stats-interval",
+            "50ms",
+        ],
+    );
+    let reader = rusqlite::Connection::open(&scratch.db).unwrap();
+    let seen: i64 = reader
+        .query_row("SELECT COUNT(*) FROM sensor_measurements", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(seen, 0);
+    send_datagrams(server.addr, (0..3000).map(unique));
+    server.wait_for_accepted(3000, EXIT);
+    let status = server.stop_with(libc::SIGTERM, EXIT);
+    assert!(status.success(), "log:\n{}", server.log_text());
+    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 3000);
+    assert_eq!(journal_mode(&scratch.db), "wal");
+    assert_eq!(row_count(&scratch.db), 3000);
+    assert_eq!(distinct_ids(&scratch.db), 3000);
+    drop(reader);
+}
+
 /// The lock is held through shutdown: the final flush spills, exit 1; the
 /// next start replays the spill file and removes it.
 #[test]

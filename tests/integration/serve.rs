@@ -52,6 +52,40 @@ fn sent_readings_are_stored_exactly(sig: i32) {
     }
 }
 
+/// A stop's final flush goes through a rollback journal (each page written
+/// once, no WAL to copy back when closing) and leaves the file in that
+/// mode; the next start switches it back to WAL, so readers never block
+/// the daemon's writes.
+#[test]
+fn stop_leaves_a_rollback_journal_and_start_restores_wal() {
+    let scratch = Scratch::new();
+    let args = [
+        "--db",
+        scratch.db_arg(),
+        "--flush-interval",
+        "1h",
+        "--stats-interval",
+        "50ms",
+    ];
+    let mut server = Server::start(scratch.path(), &args);
+    assert_eq!(journal_mode(&scratch.db), "wal");
+    let datagram = |i| format!(r#"{{"sensor_id": {i}, "temperature": 1.5, "humidity": 2.5}}"#);
+    send_datagrams(server.addr, (0..3000).map(datagram));
+    server.wait_for_accepted(3000, EXIT);
+    let status = server.stop_with(libc::SIGTERM, EXIT);
+    assert!(status.success(), "log:\n{}", server.log_text());
+    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 3000);
+    assert_eq!(journal_mode(&scratch.db), "delete");
+    assert_eq!(row_count(&scratch.db), 3000);
+
+    let mut server = Server::start(scratch.path(), &args);
+    assert_eq!(journal_mode(&scratch.db), "wal");
+    send_datagrams(server.addr, (3000..3010).map(datagram));
+    server.wait_for_accepted(10, EXIT);
+    assert!(server.stop_with(libc::SIGTERM, EXIT).success());
+    assert_eq!(row_count(&scratch.db), 3010);
+}
+
 /// N readings sent are N rows after SIGINT, bit-exact.
 #[test]
 fn sigint_stores_every_reading_exactly() {

@@ -276,6 +276,13 @@ pub fn row_count(db: &Path) -> u64 {
     .unwrap() as u64
 }
 
+/// The file's journal mode as a new connection sees it: "wal" or "delete".
+pub fn journal_mode(db: &Path) -> String {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// A temporary folder with a database path in it.
 pub struct Scratch {
     pub dir: tempfile::TempDir,
