@@ -436,8 +436,9 @@ impl ShutdownGuard {
     /// Commits the uncommitted readings on a helper thread, so a second
     /// signal can abandon it. Returns what did not commit.
     fn final_flush(&mut self, mut uncommitted: Uncommitted) -> Option<Uncommitted> {
-        // The retried batch was sorted when it was first taken.
-        store::sort_for_index(&mut uncommitted.rest);
+        // The retried batch was sorted when it was first taken. The
+        // receiver has stopped, so the second core is free.
+        store::sort_for_index_on_two_threads(&mut uncommitted.rest);
         let started = Instant::now();
         let shared = Arc::clone(&self.shared);
         let rest = Arc::new(uncommitted.rest);
