@@ -121,7 +121,7 @@ echo "$(grep -o 'shutdown complete.*' "$LOG")"
 echo
 echo "share of samples by thread (>= 1%):"
 report 1 --sort comm
-for thread in bench_send receiver persister checkpointer flusher main sensord; do
+for thread in bench_send receiver persister checkpointer flusher sorter sensord; do
     lines=$( (report 0.5 --comms "$thread" --percentage relative --sort sym || true) | head -n "$TOP")
     [[ -n "$lines" ]] || continue
     kernel=$( (report 0 --comms "$thread" --percentage relative --sort sym || true) |
