@@ -1,4 +1,5 @@
-//! The embedded default: one SQLite file in WAL mode.
+//! The embedded default: one SQLite file in WAL mode (a stop's final
+//! flush aside: see `SqliteStore::leave_wal`).
 
 use std::path::Path;
 use std::sync::Arc;
