@@ -280,7 +280,16 @@ impl SqliteStore {
             .pragma_update_and_check(None, "journal_mode", "DELETE", |row| {
                 row.get::<_, String>(0)
             }) {
-            Ok(mode) if mode.eq_ignore_ascii_case("delete") => true,
+            Ok(mode) if mode.eq_ignore_ascii_case("delete") => {
+                // NORMAL is corruption-proof in WAL mode only; with a
+                // rollback journal, FULL also syncs the journal's header
+                // (a millisecond here), so a power cut mid-commit cannot
+                // leave a damaged file.
+                if let Err(e) = self.conn.pragma_update(None, "synchronous", "FULL") {
+                    warn!("final flush keeps synchronous=NORMAL: {}", cause(&e));
+                }
+                true
+            }
             Ok(mode) => {
                 debug!("final flush stays in journal mode {mode}");
                 false
