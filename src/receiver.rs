@@ -24,15 +24,6 @@ use crate::{Reading, error};
 /// offering it again, and how often a blocked send looks at the shutdown
 /// trigger.
 const POLL: Duration = Duration::from_millis(100);
-/// After emptying the socket of at least `LINGER_AFTER` datagrams, the
-/// receiver sleeps this long before looking again, so that under load each
-/// `recvmmsg` finds a full batch instead of the few datagrams that arrived
-/// since the last call: 1M readings sent flat out took 46,000 calls and
-/// 1,100 polls instead of 129,000 and 21,000, and about a tenth less
-/// receiver CPU. A trickle never reads that many at once, so it never
-/// sleeps; a flat-out sender fills the 100 µs with about 70 datagrams.
-const LINGER: Duration = Duration::from_micros(100);
-const LINGER_AFTER: usize = crate::datagrams::SLOTS;
 /// The longest an idle receiver waits: a safety net only, as datagrams and
 /// stop requests wake it.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -291,11 +282,7 @@ impl Receiver {
             if datagrams.pending() > 0 || self.wait_readable(wait) {
                 // Take everything already waiting, so a burst becomes one
                 // chunk and one wake-up of the persister.
-                let read =
-                    self.read_waiting(&mut datagrams, &mut chunk, &mut rejections, self.chunk_size);
-                if read >= LINGER_AFTER as u64 && datagrams.pending() == 0 {
-                    std::thread::sleep(LINGER);
-                }
+                self.read_waiting(&mut datagrams, &mut chunk, &mut rejections, self.chunk_size);
             }
             // After POLL without datagrams, this retries handing over a
             // chunk kept below.
