@@ -11,7 +11,7 @@ use log::{info, warn};
 
 use crate::error::Error;
 use crate::reading::Reading;
-use crate::store::Store;
+use crate::store::{self, Store};
 
 /// The spill path used when `--spill` is not given.
 pub fn default_path(db: &str) -> PathBuf {
@@ -70,7 +70,9 @@ pub fn replay(path: &Path, store: &mut dyn Store, skip_bad_lines: bool) -> Resul
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(spill_error(e)),
     };
-    let readings = parse(path, &bytes, skip_bad_lines)?;
+    let mut readings = parse(path, &bytes, skip_bad_lines)?;
+    // The key is of the file's bytes, so sorting does not change it.
+    store::sort_for_index(&mut readings);
     let key = format!("{:016x}-{}", fnv1a(&bytes), bytes.len());
     let imported = store.import_spill(&key, &readings)?;
     fs::remove_file(path).map_err(spill_error)?;

@@ -308,18 +308,6 @@ impl SqliteStore {
         readings: &[Reading],
         interrupted: &AtomicBool,
     ) -> rusqlite::Result<()> {
-        // In index order a batch of random sensor ids commits about a
-        // quarter faster. The persister hands over sorted batches; others
-        // (spill files) are sorted here, on a copy.
-        let sorted;
-        let readings = if super::is_index_ordered(readings) {
-            readings
-        } else {
-            let mut copy = readings.to_vec();
-            super::sort_for_index(&mut copy);
-            sorted = copy;
-            &sorted
-        };
         let mut insert = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
         let mut rows = readings.chunks_exact(ROWS_PER_INSERT);
         for (i, group) in rows.by_ref().enumerate() {
