@@ -48,7 +48,9 @@ impl Datagrams {
     }
 
     /// Receives up to `SLOTS` datagrams without blocking, replacing any
-    /// not yet taken; fails with `WouldBlock` if none is waiting.
+    /// not yet taken; fails with `WouldBlock` if none is waiting. The
+    /// socket must be non-blocking (the receiver makes it so once) where
+    /// there is no `recvmmsg`.
     pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         self.received.clear();
         self.taken = 0;
@@ -56,7 +58,6 @@ impl Datagrams {
         self.sys.recv(socket, &mut self.received)?;
         #[cfg(not(target_os = "linux"))]
         {
-            socket.set_nonblocking(true)?;
             let (len, source) = socket.recv_from(&mut self.bufs[..MAX_DATAGRAM])?;
             self.received.push((len, source));
         }
@@ -212,6 +213,7 @@ mod tests {
             eprintln!("{localhost} is not available here; skipping");
             return;
         };
+        server.set_nonblocking(true).unwrap();
         let senders = [
             UdpSocket::bind(format!("{localhost}:0")).unwrap(),
             UdpSocket::bind(format!("{localhost}:0")).unwrap(),

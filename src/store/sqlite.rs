@@ -1,13 +1,12 @@
 //! The embedded default: one SQLite file in WAL mode (a stop's final
 //! flush aside: see `SqliteStore::leave_wal`).
 
+use std::ffi::c_int;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
-
-use std::ffi::c_int;
 
 use log::{debug, warn};
 use rusqlite::hooks::Wal;
