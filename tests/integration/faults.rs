@@ -269,17 +269,7 @@ fn backlog_queued_during_a_commit_is_committed_at_once() {
 #[test]
 fn reader_open_at_stop_keeps_wal_and_loses_nothing() {
     let scratch = Scratch::new();
-    let mut server = Server::start(
-        scratch.path(),
-        &[
-            "--db",
-            scratch.db_arg(),
-            "--flush-interval",
-            "1h",
-            "--stats-interval",
-            "50ms",
-        ],
-    );
+    let mut server = start_holding(scratch.path(), scratch.db_arg());
     let reader = rusqlite::Connection::open(&scratch.db).unwrap();
     let seen: i64 = reader
         .query_row("SELECT COUNT(*) FROM sensor_measurements", [], |r| r.get(0))

@@ -479,11 +479,7 @@ fn pg_down_at_shutdown_spills_then_replays() {
     let Some(cluster) = own_cluster() else { return };
     let url = cluster.database("spill");
     let scratch = Scratch::new();
-    let hold = ["--flush-interval", "1h", "--stats-interval", "50ms"];
-    let mut server = Server::start(
-        scratch.path(),
-        &[&["--db", url.as_str()][..], &hold].concat(),
-    );
+    let mut server = start_holding(scratch.path(), &url);
     let sent = precise_readings(500);
     send_datagrams(server.addr, sent.iter().map(|s| s.text.as_bytes()));
     server.wait_for_accepted(500, Duration::from_secs(20));
@@ -512,17 +508,7 @@ fn pg_hung_server_second_signal_exits_quickly() {
     let Some(cluster) = own_cluster() else { return };
     let url = cluster.database("hung");
     let scratch = Scratch::new();
-    let mut server = Server::start(
-        scratch.path(),
-        &[
-            "--db",
-            &url,
-            "--flush-interval",
-            "1h",
-            "--stats-interval",
-            "50ms",
-        ],
-    );
+    let mut server = start_holding(scratch.path(), &url);
     send_datagrams(
         server.addr,
         precise_readings(300).iter().map(|s| s.text.as_bytes()),

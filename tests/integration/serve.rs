@@ -59,15 +59,7 @@ fn sent_readings_are_stored_exactly(sig: i32) {
 #[test]
 fn stop_leaves_a_rollback_journal_and_start_restores_wal() {
     let scratch = Scratch::new();
-    let args = [
-        "--db",
-        scratch.db_arg(),
-        "--flush-interval",
-        "1h",
-        "--stats-interval",
-        "50ms",
-    ];
-    let mut server = Server::start(scratch.path(), &args);
+    let mut server = start_holding(scratch.path(), scratch.db_arg());
     assert_eq!(journal_mode(&scratch.db), "wal");
     let datagram = |i| format!(r#"{{"sensor_id": {i}, "temperature": 1.5, "humidity": 2.5}}"#);
     send_datagrams(server.addr, (0..3000).map(datagram));
@@ -78,7 +70,7 @@ fn stop_leaves_a_rollback_journal_and_start_restores_wal() {
     assert_eq!(journal_mode(&scratch.db), "delete");
     assert_eq!(row_count(&scratch.db), 3000);
 
-    let mut server = Server::start(scratch.path(), &args);
+    let mut server = start_holding(scratch.path(), scratch.db_arg());
     assert_eq!(journal_mode(&scratch.db), "wal");
     send_datagrams(server.addr, (3000..3010).map(datagram));
     server.wait_for_accepted(10, EXIT);
@@ -103,19 +95,7 @@ fn sigterm_stores_every_reading_exactly() {
 #[test]
 fn guard_flushes_everything_queued() {
     let scratch = Scratch::new();
-    let mut server = Server::start(
-        scratch.path(),
-        &[
-            "--db",
-            scratch.db_arg(),
-            "--flush-interval",
-            "1h",
-            "--batch-size",
-            "1000000",
-            "--stats-interval",
-            "50ms",
-        ],
-    );
+    let mut server = start_holding(scratch.path(), scratch.db_arg());
     send_readings(
         server.addr,
         &["--interval", "0", "--count", "5000", "--seed", "7"],

@@ -276,6 +276,23 @@ pub fn row_count(db: &Path) -> u64 {
     .unwrap() as u64
 }
 
+/// `serve` flags under which nothing commits before the stop (a batch and a
+/// flush interval beyond any test), so the final flush commits it all; the
+/// counters are logged every 50 ms for `wait_for_count`.
+pub const HOLD_UNTIL_STOP: [&str; 6] = [
+    "--flush-interval",
+    "1h",
+    "--batch-size",
+    "1000000",
+    "--stats-interval",
+    "50ms",
+];
+
+/// Starts a server on `db` with `HOLD_UNTIL_STOP`.
+pub fn start_holding(cwd: &Path, db: &str) -> Server {
+    Server::start(cwd, &[&["--db", db][..], &HOLD_UNTIL_STOP].concat())
+}
+
 /// The file's journal mode as a new connection sees it: "wal" or "delete".
 pub fn journal_mode(db: &Path) -> String {
     let conn = rusqlite::Connection::open(db).unwrap();
