@@ -36,6 +36,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// After a second signal, how long an interrupted write may take to return
 /// before the guard stops waiting for it and spills its readings.
 const FORCED_GRACE: Duration = Duration::from_secs(1);
+/// The fewest new readings a waiting persister sorts ahead of its commit.
+const PRESORT_MIN: usize = 16_384;
 
 /// Locks `mutex` even if a panicking thread poisoned it: every holder
 /// leaves the data consistent between statements, and a transaction a
@@ -51,6 +53,9 @@ fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Held {
     /// Waiting for the next batch, oldest first.
     readings: Vec<Reading>,
+    /// How many of `readings`, from the front, are already in index order
+    /// (see `Persister::presort`).
+    sorted: usize,
     /// The batch being written, with its id: after a failed attempt a store
     /// may not know whether it landed, so it is only ever retried under
     /// the same id.
@@ -206,6 +211,33 @@ impl Persister {
                     return;
                 }
             }
+            if held > 0 {
+                self.presort();
+            }
+        }
+    }
+
+    /// Sorts what is held while the batch is not yet due, so that its
+    /// commit, or a stop's final flush, has only the newest readings left to
+    /// sort (a million readings held: about 0.05 s off the stop). The new
+    /// readings are sorted and merged into those already sorted once they
+    /// are at least a quarter as many, so each reading is moved a few times
+    /// at most however long the batch gathers, and a trickle costs nothing.
+    fn presort(&self) {
+        let mut held = lock(&self.shared.held);
+        let Held {
+            readings, sorted, ..
+        } = &mut *held;
+        let new = readings.len() - *sorted;
+        if new >= PRESORT_MIN.max(*sorted / 4) {
+            let started = Instant::now();
+            store::sort_for_index_after(readings, *sorted);
+            *sorted = readings.len();
+            debug!(
+                "sorted {new} new of {} held readings in {:.1} ms",
+                readings.len(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
         }
     }
 
@@ -229,12 +261,16 @@ impl Persister {
         let (id, batch) = {
             let mut held = lock(&self.shared.held);
             let n = held.readings.len().min(batch_size);
+            // The batch is the front of what is held, where presort put
+            // the readings it sorted.
+            let sorted = held.sorted.min(n);
+            held.sorted -= sorted;
             let mut batch = if n == held.readings.len() {
                 std::mem::take(&mut held.readings)
             } else {
                 held.readings.drain(..n).collect()
             };
-            store::sort_for_index(&mut batch);
+            store::sort_for_index_after(&mut batch, sorted);
             let batch = Arc::new(batch);
             let id = self.shared.next_id();
             held.in_flight = Some((id, Arc::clone(&batch)));
@@ -333,6 +369,8 @@ pub struct ShutdownGuard {
 struct Uncommitted {
     retry: Option<(BatchId, Arc<Vec<Reading>>)>,
     rest: Vec<Reading>,
+    /// How many of `rest`, from the front, are already in index order.
+    sorted: usize,
 }
 
 impl ShutdownGuard {
@@ -392,6 +430,7 @@ impl ShutdownGuard {
             Uncommitted {
                 retry: held.in_flight.take(),
                 rest: std::mem::take(&mut held.readings),
+                sorted: std::mem::take(&mut held.sorted),
             }
         };
         // The receiver has stopped, so nothing more arrives; empty the channel.
@@ -436,9 +475,13 @@ impl ShutdownGuard {
     /// Commits the uncommitted readings on a helper thread, so a second
     /// signal can abandon it. Returns what did not commit.
     fn final_flush(&mut self, mut uncommitted: Uncommitted) -> Option<Uncommitted> {
-        // The retried batch was sorted when it was first taken. The
-        // receiver has stopped, so the second core is free.
-        store::sort_for_index_on_two_threads(&mut uncommitted.rest);
+        // The retried batch was sorted when it was first taken, and the
+        // persister sorted what it held while it waited (`presort`), so
+        // what is left to sort is what came after. The receiver has
+        // stopped, so the second core is free.
+        let sorted = uncommitted.sorted.min(uncommitted.rest.len());
+        store::sort_for_index_on_two_threads(&mut uncommitted.rest[sorted..]);
+        store::merge_sorted_runs(&mut uncommitted.rest, sorted);
         let started = Instant::now();
         let shared = Arc::clone(&self.shared);
         let rest = Arc::new(uncommitted.rest);
@@ -502,9 +545,11 @@ impl ShutdownGuard {
             }
             Err(e) => {
                 error!("final flush failed: {e}");
+                let rest = Arc::unwrap_or_clone(rest);
                 Some(Uncommitted {
                     retry: if retried { None } else { uncommitted.retry },
-                    rest: Arc::unwrap_or_clone(rest),
+                    sorted: rest.len(),
+                    rest,
                 })
             }
         }

@@ -115,6 +115,52 @@ fn guard_flushes_everything_queued() {
     assert_eq!(row_count(&scratch.db), 5000);
 }
 
+/// While a batch gathers, the persister sorts what it holds; the stop sorts
+/// what came after and merges the two. Every reading is stored once, and
+/// in the index's order: one final batch, so rowid order is the order it
+/// was inserted in.
+#[test]
+fn final_flush_merges_presorted_and_late_readings_in_index_order() {
+    let scratch = Scratch::new();
+    let mut server = Server::start_with_env(
+        scratch.path(),
+        &[&["--db", scratch.db_arg()][..], &HOLD_UNTIL_STOP].concat(),
+        &[("RUST_LOG", "sensord=debug")],
+    );
+    // Sensors in descending order, so arrival order is far from index order.
+    let datagram = |i: u32| {
+        format!(
+            r#"{{"sensor_id": {}, "temperature": 1.5, "humidity": 2.5, "ingested_at": {}}}"#,
+            1000 - i % 101,
+            1_764_150_000 + i
+        )
+    };
+    // Enough for the persister to sort them ahead (16,384 or more).
+    send_datagrams(server.addr, (0..20_000).map(datagram));
+    server.wait_for_accepted(20_000, EXIT);
+    server.wait_for_line(" held readings in ", EXIT);
+    // Too few to be sorted ahead: the stop sorts and merges them.
+    send_datagrams(server.addr, (20_000..24_000).map(datagram));
+    server.wait_for_accepted(24_000, EXIT);
+    let status = server.stop_with(libc::SIGTERM, EXIT);
+    assert!(status.success(), "log:\n{}", server.log_text());
+    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 24_000);
+
+    let stored = rows(&scratch.db);
+    let keys: Vec<(i64, f64)> = stored
+        .iter()
+        .map(|r| (r.sensor_id, r.ingested_at))
+        .collect();
+    let mut expected: Vec<(i64, f64)> = (0..24_000u32)
+        .map(|i| (i64::from(1000 - i % 101), f64::from(1_764_150_000 + i)))
+        .collect();
+    expected.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    assert!(
+        keys == expected,
+        "rows are not every reading in index order"
+    );
+}
+
 /// One datagram per rejection reason, each between good ones: exactly the
 /// good ones are stored, each bad one is counted, and serving goes on.
 #[test]
