@@ -3,8 +3,8 @@
 
 use std::ffi::c_int;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,9 @@ const SCHEMA: &str = "
 /// cursors once for all its rows: a quarter off the final flush of a
 /// million readings.
 const ROWS_PER_INSERT: usize = 64;
+
+static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
+static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
 
 /// `INSERT ... VALUES (?, ?, ?, ?, ?), ...` with `rows` rows. OR FAIL, as
 /// no constraint can fail on validated readings, spares SQLite the
@@ -307,20 +310,26 @@ impl SqliteStore {
         readings: &[Reading],
         interrupted: &AtomicBool,
     ) -> rusqlite::Result<()> {
-        let mut insert = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
         let mut rows = readings.chunks_exact(ROWS_PER_INSERT);
-        for (i, group) in rows.by_ref().enumerate() {
-            if i % 16 == 0 && interrupted.load(Ordering::Relaxed) {
-                return Err(interrupted_error());
+        if readings.len() >= ROWS_PER_INSERT {
+            let mut insert = tx.prepare_cached(&INSERT_MANY)?;
+            for (i, group) in rows.by_ref().enumerate() {
+                if i % 16 == 0 && interrupted.load(Ordering::Relaxed) {
+                    return Err(interrupted_error());
+                }
+                bind_rows(&mut insert, group)?;
+                insert.raw_execute()?;
             }
-            bind_rows(&mut insert, group)?;
-            insert.raw_execute()?;
         }
+        // The rest one row at a time, with a statement also compiled once:
+        // a trickle's small batches would otherwise each compile their own.
         let rest = rows.remainder();
         if !rest.is_empty() {
-            let mut insert = tx.prepare(&insert_sql(rest.len()))?;
-            bind_rows(&mut insert, rest)?;
-            insert.raw_execute()?;
+            let mut insert = tx.prepare_cached(&INSERT_ONE)?;
+            for row in rest.chunks(1) {
+                bind_rows(&mut insert, row)?;
+                insert.raw_execute()?;
+            }
         }
         Ok(())
     }
