@@ -293,9 +293,14 @@ impl Receiver {
                 // A persister that is behind (the queue is full) lets small
                 // chunks grow, so --queue-capacity counts readings, not the
                 // datagrams of a trickle; a full chunk waits for room below.
-                Ledger::add(&self.ledger.queued, chunk.len() as u64);
+                let sent = chunk.len();
+                Ledger::add(&self.ledger.queued, sent as u64);
                 match self.tx.try_send(std::mem::take(&mut chunk)) {
-                    Ok(()) => chunk = Vec::with_capacity(self.chunk_size),
+                    // The next is likely as small: a trickle's chunks of one
+                    // reading each would otherwise each allocate a full
+                    // chunk (40 KiB), which the allocator hands back to the
+                    // kernel when the persister frees it, and faults in again.
+                    Ok(()) => chunk = Vec::with_capacity(sent),
                     Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
                         Ledger::sub(&self.ledger.queued, back.len() as u64);
                         chunk = back;
