@@ -227,10 +227,10 @@ impl Persister {
     /// Sorts what is held while a batch gathers for a long
     /// `--flush-interval`, so that its commit, or a stop's final flush, has
     /// only the newest readings left to sort (a million readings held:
-    /// about 0.05 s off the stop). The new
-    /// readings are sorted and merged into those already sorted once they
-    /// are at least a quarter as many, so each reading is moved a few times
-    /// at most however long the batch gathers, and a trickle costs nothing.
+    /// about 0.05 s off the stop). The new readings are sorted and merged
+    /// into those already sorted once they are at least a quarter as many,
+    /// so each reading is moved a few times at most however long the batch
+    /// gathers, and a trickle costs nothing.
     fn presort(&self) {
         let mut held = lock(&self.shared.held);
         let Held {

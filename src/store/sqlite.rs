@@ -42,6 +42,7 @@ const SCHEMA: &str = "
 /// million readings.
 const ROWS_PER_INSERT: usize = 64;
 
+/// The two INSERTs `insert_all` runs, their SQL built once.
 static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
 static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
 
