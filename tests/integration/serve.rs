@@ -115,6 +115,53 @@ fn guard_flushes_everything_queued() {
     assert_eq!(row_count(&scratch.db), 5000);
 }
 
+/// Reading `i` of the presort tests: sensors in descending order, so
+/// arrival order is far from index order; distinct times.
+fn unordered_datagram(i: u32) -> String {
+    let (sensor_id, ingested_at) = unordered_key(i);
+    format!(
+        r#"{{"sensor_id": {sensor_id}, "temperature": 1.5, "humidity": 2.5, "ingested_at": {ingested_at}}}"#
+    )
+}
+
+/// The `(sensor_id, ingested_at)` index key of `unordered_datagram(i)`.
+fn unordered_key(i: u32) -> (i64, f64) {
+    (i64::from(1000 - i % 101), f64::from(1_764_150_000 + i))
+}
+
+/// Index keys of `rows`, in rowid order.
+fn keys(rows: &[Row]) -> Vec<(i64, f64)> {
+    rows.iter().map(|r| (r.sensor_id, r.ingested_at)).collect()
+}
+
+fn in_index_order(keys: &[(i64, f64)]) -> bool {
+    keys.is_sorted_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).is_le())
+}
+
+/// Starts a server with `--flush-interval 1h` and `batch_size`, logging at
+/// debug level (the persister's sorts ahead), sends readings 0..20,000,
+/// and waits until they were sorted ahead (16,384 or more are).
+fn start_presorted(scratch: &Scratch, batch_size: &str) -> Server {
+    let mut server = Server::start_with_env(
+        scratch.path(),
+        &[
+            "--db",
+            scratch.db_arg(),
+            "--flush-interval",
+            "1h",
+            "--batch-size",
+            batch_size,
+            "--stats-interval",
+            "50ms",
+        ],
+        &[("RUST_LOG", "sensord=debug")],
+    );
+    send_datagrams(server.addr, (0..20_000).map(unordered_datagram));
+    server.wait_for_accepted(20_000, EXIT);
+    server.wait_for_line(" held readings in ", EXIT);
+    server
+}
+
 /// While a batch gathers, the persister sorts what it holds; the stop sorts
 /// what came after and merges the two. Every reading is stored once, and
 /// in the index's order: one final batch, so rowid order is the order it
@@ -122,43 +169,48 @@ fn guard_flushes_everything_queued() {
 #[test]
 fn final_flush_merges_presorted_and_late_readings_in_index_order() {
     let scratch = Scratch::new();
-    let mut server = Server::start_with_env(
-        scratch.path(),
-        &[&["--db", scratch.db_arg()][..], &HOLD_UNTIL_STOP].concat(),
-        &[("RUST_LOG", "sensord=debug")],
-    );
-    // Sensors in descending order, so arrival order is far from index order.
-    let datagram = |i: u32| {
-        format!(
-            r#"{{"sensor_id": {}, "temperature": 1.5, "humidity": 2.5, "ingested_at": {}}}"#,
-            1000 - i % 101,
-            1_764_150_000 + i
-        )
-    };
-    // Enough for the persister to sort them ahead (16,384 or more).
-    send_datagrams(server.addr, (0..20_000).map(datagram));
-    server.wait_for_accepted(20_000, EXIT);
-    server.wait_for_line(" held readings in ", EXIT);
+    let mut server = start_presorted(&scratch, "1000000");
     // Too few to be sorted ahead: the stop sorts and merges them.
-    send_datagrams(server.addr, (20_000..24_000).map(datagram));
+    send_datagrams(server.addr, (20_000..24_000).map(unordered_datagram));
     server.wait_for_accepted(24_000, EXIT);
     let status = server.stop_with(libc::SIGTERM, EXIT);
     assert!(status.success(), "log:\n{}", server.log_text());
     assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 24_000);
 
-    let stored = rows(&scratch.db);
-    let keys: Vec<(i64, f64)> = stored
-        .iter()
-        .map(|r| (r.sensor_id, r.ingested_at))
-        .collect();
-    let mut expected: Vec<(i64, f64)> = (0..24_000u32)
-        .map(|i| (i64::from(1000 - i % 101), f64::from(1_764_150_000 + i)))
-        .collect();
+    let mut expected: Vec<(i64, f64)> = (0..24_000).map(unordered_key).collect();
     expected.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
     assert!(
-        keys == expected,
+        keys(&rows(&scratch.db)) == expected,
         "rows are not every reading in index order"
     );
+}
+
+/// A batch that fills while the persister holds sorted readings is its
+/// sorted front plus newer ones: its commit merges them, and what is left
+/// held goes to the stop. Both batches land whole and in index order.
+#[test]
+fn batch_filled_after_a_presort_commits_in_index_order() {
+    let scratch = Scratch::new();
+    let mut server = start_presorted(&scratch, "30000");
+    send_datagrams(server.addr, (20_000..35_000).map(unordered_datagram));
+    server.wait_for_count("persisted", 30_000, EXIT);
+    let status = server.stop_with(libc::SIGTERM, EXIT);
+    assert!(status.success(), "log:\n{}", server.log_text());
+    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 5_000);
+
+    let stored = keys(&rows(&scratch.db));
+    assert!(
+        in_index_order(&stored[..30_000]),
+        "first batch out of order"
+    );
+    assert!(
+        in_index_order(&stored[30_000..]),
+        "final batch out of order"
+    );
+    let mut all = stored.clone();
+    all.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let sent: Vec<(i64, f64)> = (0..35_000).map(unordered_key).collect();
+    assert!(all == sent, "rows are not every reading sent, once");
 }
 
 /// One datagram per rejection reason, each between good ones: exactly the
