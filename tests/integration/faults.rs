@@ -122,7 +122,8 @@ fn sigterm_under_full_speed_load_balances_the_ledger() {
 }
 
 /// SIGKILL under load, 20 times on one file: the file stays intact, nothing
-/// is stored twice, and the loss is bounded by what was held in memory.
+/// is stored twice, and the loss is bounded by what was held in memory,
+/// plus what the kernel dropped.
 #[test]
 fn sigkill_loses_at_most_what_was_in_memory() {
     let scratch = Scratch::new();
@@ -151,7 +152,8 @@ fn sigkill_loses_at_most_what_was_in_memory() {
             .unwrap()
             .parse()
             .unwrap();
-        // Paced below the server's rate so the kernel drops nothing.
+        // Paced below the server's rate, so the kernel drops nothing unless
+        // other tests starve the server (once in CI, a whole round's).
         let n = 5000 + round * 500;
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         for i in 0..n {
@@ -163,6 +165,8 @@ fn sigkill_loses_at_most_what_was_in_memory() {
             }
         }
         next_id += n;
+        // Final: loopback delivers (or drops) each datagram inside send_to.
+        let dropped = proc_drops(server.pid());
         signal(server.pid(), libc::SIGKILL);
         server.wait(EXIT);
 
@@ -178,11 +182,20 @@ fn sigkill_loses_at_most_what_was_in_memory() {
             "duplicates after round {round}"
         );
         let loss = n - (now - before);
+        assert!(
+            loss >= dropped,
+            "round {round}: {dropped} dropped but only {loss} lost"
+        );
         // In memory: the queue (whole chunks), one chunk in the receiver's
         // hands, the persister's batch, and the socket buffer (a datagram
         // costs the kernel at least 256 bytes of it).
         let bound = queue.div_ceil(1024) * 1024 + 1024 + batch + granted / 256;
-        assert!(loss <= bound, "round {round}: lost {loss} > bound {bound}");
+        assert!(
+            loss - dropped <= bound,
+            "round {round}: lost {loss}, of which {dropped} dropped by the kernel; \
+             {} > bound {bound}",
+            loss - dropped
+        );
         max_loss = max_loss.max(loss);
         before = now;
     }
