@@ -215,10 +215,11 @@ impl Persister {
                     return;
                 }
             }
+            // Readings are held exactly while `oldest` is set.
             let gathering_long = oldest.is_some_and(|since| {
                 self.config.flush_interval.saturating_sub(since.elapsed()) >= PRESORT_BEFORE_DUE
             });
-            if held > 0 && gathering_long {
+            if gathering_long {
                 self.presort();
             }
         }
@@ -377,8 +378,6 @@ pub struct ShutdownGuard {
 struct Uncommitted {
     retry: Option<(BatchId, Arc<Vec<Reading>>)>,
     rest: Vec<Reading>,
-    /// How many of `rest`, from the front, are already in index order.
-    sorted: usize,
 }
 
 impl ShutdownGuard {
@@ -433,13 +432,14 @@ impl ShutdownGuard {
                 persister_stuck = true;
             }
         }
-        let mut uncommitted = {
+        // How many of `rest`, from the front, the persister sorted.
+        let (mut uncommitted, sorted) = {
             let mut held = lock(&self.shared.held);
-            Uncommitted {
+            let uncommitted = Uncommitted {
                 retry: held.in_flight.take(),
                 rest: std::mem::take(&mut held.readings),
-                sorted: std::mem::take(&mut held.sorted),
-            }
+            };
+            (uncommitted, std::mem::take(&mut held.sorted))
         };
         // The receiver has stopped, so nothing more arrives; empty the channel.
         for chunk in self.rx.try_iter() {
@@ -452,7 +452,7 @@ impl ShutdownGuard {
                 warn!("the persister did not stop after a second signal; spilling what it held");
                 Some(uncommitted)
             } else {
-                self.final_flush(uncommitted)
+                self.final_flush(uncommitted, sorted)
             };
             if let Some(uncommitted) = uncommitted {
                 self.spill(uncommitted, &mut report);
@@ -481,13 +481,14 @@ impl ShutdownGuard {
     }
 
     /// Commits the uncommitted readings on a helper thread, so a second
-    /// signal can abandon it. Returns what did not commit.
-    fn final_flush(&mut self, mut uncommitted: Uncommitted) -> Option<Uncommitted> {
+    /// signal can abandon it; the first `sorted` of `rest` are already in
+    /// index order. Returns what did not commit.
+    fn final_flush(&mut self, mut uncommitted: Uncommitted, sorted: usize) -> Option<Uncommitted> {
         // The retried batch was sorted when it was first taken, and the
         // persister sorted what it held while it waited (`presort`), so
         // what is left to sort is what came after. The receiver has
         // stopped, so the second core is free.
-        let sorted = uncommitted.sorted.min(uncommitted.rest.len());
+        let sorted = sorted.min(uncommitted.rest.len());
         store::sort_for_index_on_two_threads(&mut uncommitted.rest[sorted..]);
         store::merge_sorted_runs(&mut uncommitted.rest, sorted);
         let started = Instant::now();
@@ -553,11 +554,9 @@ impl ShutdownGuard {
             }
             Err(e) => {
                 error!("final flush failed: {e}");
-                let rest = Arc::unwrap_or_clone(rest);
                 Some(Uncommitted {
                     retry: if retried { None } else { uncommitted.retry },
-                    sorted: rest.len(),
-                    rest,
+                    rest: Arc::unwrap_or_clone(rest),
                 })
             }
         }

@@ -40,8 +40,9 @@ pub trait Store: Send {
     }
 
     /// Commits the readings of a spill file in one transaction (in index
-    /// order, as for `write_batch`), recording `key` with them. Returns false, writing nothing, if `key` was already
-    /// imported: replay is idempotent across a crash before the file's removal.
+    /// order, as for `write_batch`), recording `key` with them. Returns
+    /// false, writing nothing, if `key` was already imported: replay is
+    /// idempotent across a crash before the file's removal.
     fn import_spill(&mut self, key: &str, readings: &[Reading]) -> Result<bool, Error>;
 
     /// A handle that makes the current or next operation fail promptly.

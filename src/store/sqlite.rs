@@ -311,16 +311,14 @@ impl SqliteStore {
         readings: &[Reading],
         interrupted: &AtomicBool,
     ) -> rusqlite::Result<()> {
+        let mut insert = tx.prepare_cached(&INSERT_MANY)?;
         let mut rows = readings.chunks_exact(ROWS_PER_INSERT);
-        if readings.len() >= ROWS_PER_INSERT {
-            let mut insert = tx.prepare_cached(&INSERT_MANY)?;
-            for (i, group) in rows.by_ref().enumerate() {
-                if i % 16 == 0 && interrupted.load(Ordering::Relaxed) {
-                    return Err(interrupted_error());
-                }
-                bind_rows(&mut insert, group)?;
-                insert.raw_execute()?;
+        for (i, group) in rows.by_ref().enumerate() {
+            if i % 16 == 0 && interrupted.load(Ordering::Relaxed) {
+                return Err(interrupted_error());
             }
+            bind_rows(&mut insert, group)?;
+            insert.raw_execute()?;
         }
         // The rest one row at a time, with a statement also compiled once:
         // a trickle's small batches would otherwise each compile their own.
