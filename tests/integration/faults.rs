@@ -112,9 +112,7 @@ fn sigterm_under_full_speed_load_balances_the_ledger() {
         scratch.path(),
     );
     // Signal at once: the server is typically still working through a backlog.
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    let counts = server.shutdown_counts();
+    let counts = server.stop_clean();
     assert_eq!(row_count(&scratch.db), counts["accepted"]);
     assert_eq!(counts["spilled"], 0);
     assert_ledger(&counts, counts["received"], 200_000);
@@ -230,9 +228,7 @@ fn lock_held_mid_run_loses_nothing() {
     drop(lock);
     send_datagrams(server.addr, (4000..5000).map(unique));
     server.wait_for_count("persisted", 5000, EXIT);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 0);
+    assert_eq!(server.stop_clean()["flushed_at_shutdown"], 0);
     assert!(
         server.log_text().contains("database is locked"),
         "{}",
@@ -271,9 +267,7 @@ fn backlog_queued_during_a_commit_is_committed_at_once() {
     drop(lock);
     server.wait_for_count("persisted", 1600, EXIT);
     assert_eq!(row_count(&scratch.db), 1600);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 0);
+    assert_eq!(server.stop_clean()["flushed_at_shutdown"], 0);
     assert_eq!(distinct_ids(&scratch.db), 1600);
 }
 
@@ -290,9 +284,7 @@ fn reader_open_at_stop_keeps_wal_and_loses_nothing() {
     assert_eq!(seen, 0);
     send_datagrams(server.addr, (0..3000).map(unique));
     server.wait_for_accepted(3000, EXIT);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 3000);
+    assert_eq!(server.stop_clean()["flushed_at_shutdown"], 3000);
     assert_eq!(journal_mode(&scratch.db), "wal");
     assert_eq!(row_count(&scratch.db), 3000);
     assert_eq!(distinct_ids(&scratch.db), 3000);
@@ -497,9 +489,7 @@ fn kernel_drops_match_the_socket_counter() {
         dropped,
         "no drops after the burst"
     );
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success());
-    let counts = server.shutdown_counts();
+    let counts = server.stop_clean();
     assert_eq!(counts["kernel_drops"], dropped);
     eprintln!(
         "kernel drops: shutdown line {}, /proc/net/udp {dropped}",
@@ -564,9 +554,7 @@ fn max_size_flood_keeps_memory_bounded() {
         thread::sleep(Duration::from_millis(20));
     }
     send_datagrams(server.addr, [unique(u64::MAX / 4)]);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    let counts = server.shutdown_counts();
+    let counts = server.stop_clean();
     eprintln!(
         "flood: {} datagrams in {seconds} s, peak RSS {} MiB, {counts:?}",
         sent.load(Ordering::Relaxed),
@@ -597,9 +585,7 @@ fn allowlist_denies_other_sources() {
     let outsider = UdpSocket::bind("127.0.0.2:0").unwrap();
     outsider.send_to(unique(1).as_bytes(), server.addr).unwrap();
     send_datagrams(server.addr, [unique(2)]);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success());
-    let counts = server.shutdown_counts();
+    let counts = server.stop_clean();
     assert_eq!(
         (counts["denied"], counts["received"], counts["accepted"]),
         (1, 1, 1)

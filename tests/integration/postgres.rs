@@ -400,9 +400,7 @@ fn pg_two_servers_share_one_database() {
     );
     let mut persisted = 0;
     for server in &mut servers {
-        let status = server.stop_with(libc::SIGTERM, EXIT);
-        assert!(status.success(), "log:\n{}", server.log_text());
-        persisted += server.shutdown_counts()["persisted"];
+        persisted += server.stop_clean()["persisted"];
     }
     assert_eq!(persisted, 3000);
     assert_eq!(rows_and_distinct(&url), (3000, 3000));
@@ -437,9 +435,7 @@ fn pg_terminated_backend_loses_nothing() {
     assert_eq!(terminated, 1, "sensord holds one connection");
     send_datagrams(server.addr, sent[1000..].iter().map(|s| s.text.as_bytes()));
     wait_for_rows(&url, 2000, &server);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    assert_eq!(server.shutdown_counts()["persisted"], 2000);
+    assert_eq!(server.stop_clean()["persisted"], 2000);
     assert_eq!(rows_and_distinct(&url), (2000, 2000));
 }
 
@@ -465,9 +461,7 @@ fn pg_server_restart_loses_nothing() {
     server.wait_for_line("retrying in", Duration::from_secs(10));
     cluster.local().start();
     wait_for_rows(&url, 3000, &server);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    assert_eq!(server.shutdown_counts()["persisted"], 3000);
+    assert_eq!(server.stop_clean()["persisted"], 3000);
     assert_eq!(rows_and_distinct(&url), (3000, 3000));
 }
 
@@ -495,8 +489,7 @@ fn pg_down_at_shutdown_spills_then_replays() {
     let mut server = Server::start(scratch.path(), &["--db", &url]);
     server.wait_for_line("replayed 500 readings", Duration::from_secs(5));
     assert!(!spill.exists(), "the spill file is removed after replay");
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
+    server.stop_clean();
     assert_eq!(rows_and_distinct(&url), (500, 500));
 }
 
@@ -643,8 +636,6 @@ fn pg_commit_with_lost_answer_is_not_written_twice() {
     let sent = precise_readings(500);
     send_datagrams(server.addr, sent.iter().map(|s| s.text.as_bytes()));
     server.wait_for_line("committed by an earlier attempt", Duration::from_secs(20));
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    assert_eq!(server.shutdown_counts()["persisted"], 500);
+    assert_eq!(server.stop_clean()["persisted"], 500);
     assert_eq!(rows_and_distinct(&url), (500, 500));
 }

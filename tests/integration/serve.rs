@@ -64,9 +64,7 @@ fn stop_leaves_a_rollback_journal_and_start_restores_wal() {
     let datagram = |i| format!(r#"{{"sensor_id": {i}, "temperature": 1.5, "humidity": 2.5}}"#);
     send_datagrams(server.addr, (0..3000).map(datagram));
     server.wait_for_accepted(3000, EXIT);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 3000);
+    assert_eq!(server.stop_clean()["flushed_at_shutdown"], 3000);
     assert_eq!(journal_mode(&scratch.db), "delete");
     assert_eq!(row_count(&scratch.db), 3000);
 
@@ -107,9 +105,7 @@ fn guard_flushes_everything_queued() {
         0,
         "nothing is committed before the signal"
     );
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    let counts = server.shutdown_counts();
+    let counts = server.stop_clean();
     assert_eq!(counts["flushed_at_shutdown"], 5000);
     assert_eq!(counts["persisted"], 5000);
     assert_eq!(row_count(&scratch.db), 5000);
@@ -134,8 +130,13 @@ fn keys(rows: &[Row]) -> Vec<(i64, f64)> {
     rows.iter().map(|r| (r.sensor_id, r.ingested_at)).collect()
 }
 
+/// The order of the `(sensor_id, ingested_at)` index.
+fn index_order(a: &(i64, f64), b: &(i64, f64)) -> std::cmp::Ordering {
+    a.0.cmp(&b.0).then(a.1.total_cmp(&b.1))
+}
+
 fn in_index_order(keys: &[(i64, f64)]) -> bool {
-    keys.is_sorted_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).is_le())
+    keys.is_sorted_by(|a, b| index_order(a, b).is_le())
 }
 
 /// Starts a server with `--flush-interval 1h` and `batch_size`, logging at
@@ -173,12 +174,10 @@ fn final_flush_merges_presorted_and_late_readings_in_index_order() {
     // Too few to be sorted ahead: the stop sorts and merges them.
     send_datagrams(server.addr, (20_000..24_000).map(unordered_datagram));
     server.wait_for_accepted(24_000, EXIT);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 24_000);
+    assert_eq!(server.stop_clean()["flushed_at_shutdown"], 24_000);
 
     let mut expected: Vec<(i64, f64)> = (0..24_000).map(unordered_key).collect();
-    expected.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    expected.sort_by(index_order);
     assert!(
         keys(&rows(&scratch.db)) == expected,
         "rows are not every reading in index order"
@@ -194,9 +193,7 @@ fn batch_filled_after_a_presort_commits_in_index_order() {
     let mut server = start_presorted(&scratch, "30000");
     send_datagrams(server.addr, (20_000..35_000).map(unordered_datagram));
     server.wait_for_count("persisted", 30_000, EXIT);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success(), "log:\n{}", server.log_text());
-    assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 5_000);
+    assert_eq!(server.stop_clean()["flushed_at_shutdown"], 5_000);
 
     let stored = keys(&rows(&scratch.db));
     assert!(
@@ -268,9 +265,7 @@ fn rejection_warnings_are_rate_limited() {
     let scratch = Scratch::new();
     let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
     send_datagrams(server.addr, (0..5000).map(|_| b"garbage".as_slice()));
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success());
-    assert_eq!(server.shutdown_counts()["rejected"], 5000);
+    assert_eq!(server.stop_clean()["rejected"], 5000);
     let warnings = server
         .log
         .lock()
@@ -296,9 +291,7 @@ fn arrays_store_their_valid_elements() {
         {"sensor_id": 4, "temperature": 4.5, "humidity": 5, "unknown": [1, {"a": 2}]}]
     "#;
     send_datagrams(server.addr, [datagram]);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(status.success());
-    let counts = server.shutdown_counts();
+    let counts = server.stop_clean();
     assert_eq!(
         (counts["received"], counts["accepted"], counts["rejected"]),
         (1, 3, 2)

@@ -161,6 +161,14 @@ impl Server {
         }
     }
 
+    /// Stops the server with SIGTERM, fails the test (with the log) unless
+    /// it exits 0 within 30 s, and returns its shutdown counters.
+    pub fn stop_clean(&mut self) -> HashMap<String, u64> {
+        let status = self.stop_with(libc::SIGTERM, Duration::from_secs(30));
+        assert!(status.success(), "exit {status}; log:\n{}", self.log_text());
+        self.shutdown_counts()
+    }
+
     /// The counters of the `shutdown complete:` line.
     pub fn shutdown_counts(&mut self) -> HashMap<String, u64> {
         let line = self.wait_for_line("shutdown complete:", Duration::from_secs(5));
