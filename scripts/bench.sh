@@ -31,6 +31,7 @@
 #   CARGO_TARGET_DIR       honoured, as cargo does
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
     : "${BENCH_N:=20000}" "${BENCH_REPS:=1}" "${BENCH_FLUSH_N:=20000}" "${BENCH_IDLE_SECS:=2}"
@@ -52,13 +53,8 @@ cargo build --release --quiet --bin sensord --example bare_recv --example bench_
 BIN="${CARGO_TARGET_DIR:-target}/release"
 SENSORD="$BIN/sensord"
 WORK=$(mktemp -d)
-# Stops what this script started and still runs (only its own jobs).
 cleanup() {
-    local pid
-    for pid in $(jobs -p); do
-        kill -CONT "$pid" 2>/dev/null || true
-        kill -KILL "$pid" 2>/dev/null || true
-    done
+    stop_own_jobs
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -68,7 +64,6 @@ CLK_TCK=$(getconf CLK_TCK)
 now() { date +%s.%N; }
 calc() { awk "BEGIN { printf \"%.${2:-3}f\", $1 }"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
-die() { echo "bench: $*" >&2; exit 1; }
 # utime + stime of a process, in clock ticks.
 cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 # thread_ticks PID NAME: utime + stime of PID's thread named NAME (0 if none).
@@ -99,18 +94,6 @@ count_rows() {
         "$SENSORD" stats --db "$1" --json | grep -o '"readings": *[0-9]*' | tail -1 | grep -o '[0-9]*$'
     fi
 }
-# wait_for FILE REGEX PID: waits (bounded) until a line of FILE matches,
-# while process PID lives.
-wait_for() {
-    local i
-    for ((i = 0; i < DEADLINE_SECS * 20; i++)); do
-        grep -qE "$2" "$1" 2>/dev/null && return 0
-        kill -0 "$3" 2>/dev/null || die "process $3 exited; see $1: $(tail -3 "$1")"
-        sleep 0.05
-    done
-    die "timed out waiting for /$2/ in $1"
-}
-
 # start_daemon NAME STATS_INTERVAL [serve args...]: sets DPID, DADDR, DDB, DLOG.
 start_daemon() {
     local name=$1 stats=$2
@@ -241,7 +224,7 @@ measure_flush() {
     # Wait until the daemon has taken every datagram (or stopped taking them).
     for ((i = 0; i < DEADLINE_SECS * 10; i++)); do
         sleep 0.1
-        received=$( (grep -o 'stats: received=[0-9]*' "$DLOG" || true) | tail -1 | cut -d= -f2)
+        received=$(stats_counter "$DLOG" received)
         ((${received:-0} >= FLUSH_N)) && break
         if [[ "$received" == "$last" ]]; then ((++stable >= 20)) && break; else stable=0; fi
         last=$received

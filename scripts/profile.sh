@@ -18,6 +18,7 @@
 # works without hardware counters. Run as root for kernel symbols.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 MODE=${1:-e2e}
 N=${PROFILE_N:-1000000}
@@ -35,18 +36,13 @@ cargo build --release --quiet --bin sensord --example bench_send
 BIN="${CARGO_TARGET_DIR:-target}/release"
 WORK=$(mktemp -d)
 cleanup() {
-    local pid
-    for pid in $(jobs -p); do
-        kill -CONT "$pid" 2>/dev/null || true
-        kill -KILL "$pid" 2>/dev/null || true
-    done
+    stop_own_jobs
     if [[ -n "${PROFILE_KEEP:-}" ]]; then
         mkdir -p "$PROFILE_KEEP" && cp "$WORK"/perf.data "$WORK"/daemon.log "$PROFILE_KEEP"/ 2>/dev/null || true
     fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-die() { echo "profile: $*" >&2; exit 1; }
 
 DB="$WORK/profile.db" LOG="$WORK/daemon.log"
 serve_args=(--bind 127.0.0.1:0 --db "$DB" --stats-interval 100ms)
@@ -55,27 +51,16 @@ serve_args=(--bind 127.0.0.1:0 --db "$DB" --stats-interval 100ms)
 [[ $MODE == flush ]] && serve_args+=(--flush-interval 1h --batch-size $((2 * N)))
 "$BIN/sensord" serve "${serve_args[@]}" 2>"$LOG" &
 DPID=$!
-# wait_log REGEX: waits (bounded) for a line of the daemon's log.
-wait_log() {
-    local i
-    for ((i = 0; i < DEADLINE_SECS * 20; i++)); do
-        grep -qE "$1" "$LOG" && return 0
-        kill -0 "$DPID" 2>/dev/null || die "sensord exited: $(tail -3 "$LOG")"
-        sleep 0.05
-    done
-    die "timed out waiting for /$1/ in the daemon's log"
-}
 # wait_counter NAME: waits (bounded) until the stats line's NAME reaches N.
 wait_counter() {
-    local i v
+    local i
     for ((i = 0; i < DEADLINE_SECS * 20; i++)); do
-        v=$( (grep -o "stats: .*$1=[0-9]*" "$LOG" || true) | tail -1 | grep -o '[0-9]*$' || true)
-        ((${v:-0} >= N)) && return 0
+        (($(stats_counter "$LOG" "$1") >= N)) && return 0
         sleep 0.05
     done
     die "timed out waiting for $1=$N"
 }
-wait_log 'listening on '
+wait_for "$LOG" 'listening on ' "$DPID"
 ADDR=$(grep -o 'listening on [0-9.:]*' "$LOG" | head -1 | cut -d' ' -f3)
 send() { "$BIN/examples/bench_send" "$ADDR" "$N" >/dev/null; }
 
