@@ -72,7 +72,7 @@ fn stop_leaves_a_rollback_journal_and_start_restores_wal() {
     assert_eq!(journal_mode(&scratch.db), "wal");
     send_datagrams(server.addr, (3000..3010).map(datagram));
     server.wait_for_accepted(10, EXIT);
-    assert!(server.stop_with(libc::SIGTERM, EXIT).success());
+    server.stop_clean();
     assert_eq!(row_count(&scratch.db), 3010);
 }
 
