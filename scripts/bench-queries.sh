@@ -3,13 +3,15 @@
 # with BENCH_QUERIES_N readings through sensord's own store (sorted batches
 # of 250,000; 991 sensors reporting once a second), then measures
 #   fill    readings/s of the fill itself (one thread, nothing else running)
-#   range   one sensor over a one-hour window (about 3,600 rows): median,
-#           95th percentile and worst of BENCH_QUERIES_RANGES queries
+#   range   one sensor over a one-hour window within that sensor's readings
+#           (about 3,600 rows): median, 95th percentile and worst of
+#           BENCH_QUERIES_RANGES queries
 #   stats   `sensord stats` on the whole file, run end to end: median of 3
 #
 # Usage: scripts/bench-queries.sh     (about 30 s at the default 10 million)
 # Settings: BENCH_QUERIES_N=10000000, BENCH_QUERIES_RANGES=200,
-#           BENCH_QUERIES_DB=path (reuse or keep the file; default: a
+#           BENCH_QUERIES_DB=path (reuse or keep the file, or time any
+#           sensord SQLite file: it is only topped up to N; default: a
 #           temporary one, removed at exit). CARGO_TARGET_DIR is honoured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
