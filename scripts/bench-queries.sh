@@ -10,9 +10,9 @@
 #
 # Usage: scripts/bench-queries.sh     (about 30 s at the default 10 million)
 # Settings: BENCH_QUERIES_N=10000000, BENCH_QUERIES_RANGES=200,
-#           BENCH_QUERIES_DB=path (reuse or keep the file, or time any
-#           sensord SQLite file: it is only topped up to N; default: a
-#           temporary one, removed at exit). CARGO_TARGET_DIR is honoured.
+#           BENCH_QUERIES_DB=path (keep the file, or reuse one: it gets
+#           synthetic readings up to N, none if it holds N already; default:
+#           a temporary one, removed at exit). CARGO_TARGET_DIR is honoured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
