@@ -126,7 +126,7 @@ fn fill(db: &str, count: usize) {
         next += n;
     }
     println!(
-        "filled={} seconds={:.1}",
+        "filled={} seconds={:.3}",
         count - held,
         started.elapsed().as_secs_f64()
     );
