@@ -55,7 +55,9 @@ fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// panicked or is stuck in a write.
 #[derive(Debug, Default)]
 struct Held {
-    /// Waiting for the next batch, oldest first.
+    /// Waiting for the next batch: the first `sorted` in index order, the
+    /// rest in arrival order after them. `presort` only runs while fewer
+    /// than a batch are held, so the front is still the oldest readings.
     readings: Vec<Reading>,
     /// How many of `readings`, from the front, are already in index order
     /// (see `Persister::presort`).
