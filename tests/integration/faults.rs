@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-const EXIT: Duration = Duration::from_secs(30);
-
 /// A datagram whose sensor id is unique, so duplicates are detectable.
 fn unique(id: u64) -> String {
     format!(r#"{{"sensor_id": {id}, "temperature": 21.5, "humidity": 7.25}}"#)

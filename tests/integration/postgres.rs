@@ -17,8 +17,6 @@ use ::postgres::{Client, NoTls};
 
 use crate::util::*;
 
-const EXIT: Duration = Duration::from_secs(30);
-
 /// A PostgreSQL server for the tests: a throwaway cluster, or an external one.
 struct Cluster {
     /// The URL without a database name, e.g. `postgres://postgres@127.0.0.1:5432`.

@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use crate::util::*;
 
-const EXIT: Duration = Duration::from_secs(30);
-
 /// Sends precise readings, stops the server with `sig`, and checks every
 /// value landed bit for bit.
 fn sent_readings_are_stored_exactly(sig: i32) {

@@ -11,6 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// How long a test waits for a server to exit, or for what it waits on
+/// before a stop.
+pub const EXIT: Duration = Duration::from_secs(30);
+
 /// The binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_sensord")
@@ -162,9 +166,9 @@ impl Server {
     }
 
     /// Stops the server with SIGTERM, fails the test (with the log) unless
-    /// it exits 0 within 30 s, and returns its shutdown counters.
+    /// it exits 0 within `EXIT`, and returns its shutdown counters.
     pub fn stop_clean(&mut self) -> HashMap<String, u64> {
-        let status = self.stop_with(libc::SIGTERM, Duration::from_secs(30));
+        let status = self.stop_with(libc::SIGTERM, EXIT);
         assert!(status.success(), "exit {status}; log:\n{}", self.log_text());
         self.shutdown_counts()
     }
