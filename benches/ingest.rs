@@ -62,6 +62,7 @@ fn batch_insert(c: &mut Criterion) {
     let options = Options {
         busy_timeout: Duration::from_secs(5),
         table: "sensor_measurements".to_string(),
+        stop: None,
     };
     let mut store = SqliteStore::open(path.to_str().expect("temp paths are UTF-8"), &options)
         .expect("a new database opens");

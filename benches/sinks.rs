@@ -36,6 +36,7 @@ fn options(table: &str) -> Options {
     Options {
         busy_timeout: Duration::from_secs(5),
         table: table.to_string(),
+        stop: None,
     }
 }
 

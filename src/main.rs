@@ -147,6 +147,7 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
         &store::Options {
             busy_timeout: args.busy_timeout,
             table: args.table,
+            stop: Some(shutdown.clone()),
         },
     )?;
     spill::replay(&spill_path, store.as_mut(), args.skip_bad_spill_lines)?;

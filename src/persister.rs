@@ -36,13 +36,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// After a second signal, how long an interrupted write may take to return
 /// before the guard stops waiting for it and spills its readings.
 const FORCED_GRACE: Duration = Duration::from_secs(1);
-/// The fewest new readings a waiting persister sorts ahead of its commit.
-const PRESORT_MIN: usize = 16_384;
-/// A batch due sooner than this is left for its commit to sort: sorting
-/// ahead does the same work in more passes, which only pays when a batch
-/// gathers long enough for a stop to find it large.
-const PRESORT_BEFORE_DUE: Duration = Duration::from_secs(1);
-
 /// Locks `mutex` even if a panicking thread poisoned it: every holder
 /// leaves the data consistent between statements, and a transaction a
 /// panicking persister left open was rolled back when it unwound.
@@ -55,13 +48,8 @@ fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// panicked or is stuck in a write.
 #[derive(Debug, Default)]
 struct Held {
-    /// Waiting for the next batch: the first `sorted` in index order, the
-    /// rest in arrival order after them. `presort` only runs while fewer
-    /// than a batch are held, so the front is still the oldest readings.
+    /// Waiting for the next batch, oldest first.
     readings: Vec<Reading>,
-    /// How many of `readings`, from the front, are already in index order
-    /// (see `Persister::presort`).
-    sorted: usize,
     /// The batch being written, with its id: after a failed attempt a store
     /// may not know whether it landed, so it is only ever retried under
     /// the same id.
@@ -217,38 +205,6 @@ impl Persister {
                     return;
                 }
             }
-            // Readings are held exactly while `oldest` is set.
-            let gathering_long = oldest.is_some_and(|since| {
-                self.config.flush_interval.saturating_sub(since.elapsed()) >= PRESORT_BEFORE_DUE
-            });
-            if gathering_long {
-                self.presort();
-            }
-        }
-    }
-
-    /// Sorts what is held while a batch gathers for a long
-    /// `--flush-interval`, so that its commit, or a stop's final flush, has
-    /// only the newest readings left to sort (a million readings held:
-    /// about 0.05 s off the stop). The new readings are sorted and merged
-    /// into those already sorted once they are at least a quarter as many,
-    /// so each reading is moved a few times at most however long the batch
-    /// gathers, and a trickle costs nothing.
-    fn presort(&self) {
-        let mut held = lock(&self.shared.held);
-        let Held {
-            readings, sorted, ..
-        } = &mut *held;
-        let new = readings.len() - *sorted;
-        if new >= PRESORT_MIN.max(*sorted / 4) {
-            let started = Instant::now();
-            store::sort_for_index_after(readings, *sorted);
-            *sorted = readings.len();
-            debug!(
-                "sorted {new} new of {} held readings in {:.1} ms",
-                readings.len(),
-                started.elapsed().as_secs_f64() * 1e3
-            );
         }
     }
 
@@ -272,16 +228,12 @@ impl Persister {
         let (id, batch) = {
             let mut held = lock(&self.shared.held);
             let n = held.readings.len().min(batch_size);
-            // The batch is the front of what is held, where presort put
-            // the readings it sorted.
-            let sorted = held.sorted.min(n);
-            held.sorted -= sorted;
             let mut batch = if n == held.readings.len() {
                 std::mem::take(&mut held.readings)
             } else {
                 held.readings.drain(..n).collect()
             };
-            store::sort_for_index_after(&mut batch, sorted);
+            store::sort_for_index(&mut batch);
             let batch = Arc::new(batch);
             let id = self.shared.next_id();
             held.in_flight = Some((id, Arc::clone(&batch)));
@@ -296,7 +248,7 @@ impl Persister {
             fail::fail_point!("persister::commit");
             let result = lock(&self.shared.store).write_batch(id, &batch);
             match result {
-                Ok(()) => {
+                Ok(_refused) => {
                     Ledger::add(&self.shared.ledger.persisted, n as u64);
                     debug!(
                         "committed {n} readings in {:.1} ms",
@@ -434,14 +386,12 @@ impl ShutdownGuard {
                 persister_stuck = true;
             }
         }
-        // How many of `rest`, from the front, the persister sorted.
-        let (mut uncommitted, sorted) = {
+        let mut uncommitted = {
             let mut held = lock(&self.shared.held);
-            let uncommitted = Uncommitted {
+            Uncommitted {
                 retry: held.in_flight.take(),
                 rest: std::mem::take(&mut held.readings),
-            };
-            (uncommitted, std::mem::take(&mut held.sorted))
+            }
         };
         // The receiver has stopped, so nothing more arrives; empty the channel.
         for chunk in self.rx.try_iter() {
@@ -454,7 +404,7 @@ impl ShutdownGuard {
                 warn!("the persister did not stop after a second signal; spilling what it held");
                 Some(uncommitted)
             } else {
-                self.final_flush(uncommitted, sorted)
+                self.final_flush(uncommitted)
             };
             if let Some(uncommitted) = uncommitted {
                 self.spill(uncommitted, &mut report);
@@ -483,16 +433,11 @@ impl ShutdownGuard {
     }
 
     /// Commits the uncommitted readings on a helper thread, so a second
-    /// signal can abandon it; the first `sorted` of `rest` are already in
-    /// index order. Returns what did not commit.
-    fn final_flush(&mut self, mut uncommitted: Uncommitted, sorted: usize) -> Option<Uncommitted> {
-        // The retried batch was sorted when it was first taken, and the
-        // persister sorted what it held while it waited (`presort`), so
-        // what is left to sort is what came after. The receiver has
-        // stopped, so the second core is free.
-        let sorted = sorted.min(uncommitted.rest.len());
-        store::sort_for_index_on_two_threads(&mut uncommitted.rest[sorted..]);
-        store::merge_sorted_runs(&mut uncommitted.rest, sorted);
+    /// signal can abandon it. Returns what did not commit.
+    fn final_flush(&mut self, mut uncommitted: Uncommitted) -> Option<Uncommitted> {
+        // The retried batch was sorted when it was first taken. The
+        // receiver has stopped, so the second core is free to sort.
+        store::sort_for_index_on_two_threads(&mut uncommitted.rest);
         let started = Instant::now();
         let shared = Arc::clone(&self.shared);
         let rest = Arc::new(uncommitted.rest);
@@ -511,7 +456,7 @@ impl ShutdownGuard {
                         retried = true;
                     }
                     if !rest_for_flusher.is_empty() {
-                        store.write_final(id, &rest_for_flusher)?;
+                        store.write_batch(id, &rest_for_flusher)?;
                     }
                     Ok(())
                 })();

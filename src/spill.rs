@@ -74,7 +74,9 @@ pub fn replay(path: &Path, store: &mut dyn Store, skip_bad_lines: bool) -> Resul
     // The key is of the file's bytes, so sorting does not change it.
     store::sort_for_index(&mut readings);
     let key = format!("{:016x}-{}", fnv1a(&bytes), bytes.len());
-    let imported = store.import_spill(&key, &readings)?;
+    let batches = [store::SpillBatch { id: None, readings }];
+    let imported = store.import_spill(&key, &batches)?.is_some();
+    let [store::SpillBatch { readings, .. }] = batches;
     fs::remove_file(path).map_err(spill_error)?;
     if imported {
         info!(

@@ -25,31 +25,69 @@ pub struct BatchId {
 /// Aborts whatever the store is doing right now, from another thread.
 pub type Interrupter = Box<dyn Fn() + Send + Sync>;
 
+/// A reading the database refused for good (a constraint it breaks, a
+/// value its column cannot hold), with the database's reason. Retrying
+/// cannot help, so it is set aside in the dead-letter file and the rest of
+/// its batch commits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    pub reading: Reading,
+    pub cause: String,
+}
+
+/// One batch of a spill file: the readings, and the id they were last
+/// attempted under, if any. A batch whose commit outcome was unknown (an
+/// unanswered COMMIT, an abandoned final flush) is imported only if that
+/// id never committed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpillBatch {
+    pub id: Option<BatchId>,
+    pub readings: Vec<Reading>,
+}
+
 /// A database that stores readings.
+///
+/// Errors are of two kinds (see docs/design.md): *permanent* ones, which a
+/// retry of the same rows cannot fix (a constraint violation, a data type
+/// error), and *transient* ones (a lock, a lost connection, a full disk).
+/// A store handles permanent ones itself: it finds the refused readings by
+/// bisection under savepoints in the same transaction, commits the others,
+/// and returns the refused. Only transient errors reach the caller, which
+/// retries.
 pub trait Store: Send {
-    /// Commits `readings` in one transaction: all of them or none. Callers
-    /// hand them over in index order (`sort_for_index`): in any other order
-    /// they are stored all the same, but SQLite takes about a third longer.
-    fn write_batch(&mut self, id: BatchId, readings: &[Reading]) -> Result<(), Error>;
+    /// Commits `readings` in one transaction under `id`, except those the
+    /// database refuses for good, which are returned. Idempotent by `id`:
+    /// if a batch with this id already committed (an attempt whose COMMIT
+    /// went unanswered), writes nothing and returns no refusals. Callers
+    /// hand readings over in index order (`sort_for_index`): in any other
+    /// order they are stored all the same, but SQLite takes about a third
+    /// longer.
+    fn write_batch(&mut self, id: BatchId, readings: &[Reading]) -> Result<Vec<Refusal>, Error>;
 
-    /// Commits the final flush's readings like `write_batch`, as the last
-    /// write before the store is dropped, so the store may prepare for
-    /// closing first.
-    fn write_final(&mut self, id: BatchId, readings: &[Reading]) -> Result<(), Error> {
-        self.write_batch(id, readings)
-    }
-
-    /// Commits the readings of a spill file in one transaction (in index
-    /// order, as for `write_batch`), recording `key` with them. Returns
-    /// false, writing nothing, if `key` was already imported: replay is
-    /// idempotent across a crash before the file's removal.
-    fn import_spill(&mut self, key: &str, readings: &[Reading]) -> Result<bool, Error>;
+    /// Commits the batches of a spill file in one transaction, recording
+    /// `key` with them; a batch whose id already committed is skipped, and
+    /// the ids of the others are recorded as committed. Returns None,
+    /// writing nothing, if `key` was already imported (replay is idempotent
+    /// across a crash before the file's removal); else the refused
+    /// readings, as for `write_batch`.
+    fn import_spill(
+        &mut self,
+        key: &str,
+        batches: &[SpillBatch],
+    ) -> Result<Option<Vec<Refusal>>, Error>;
 
     /// A handle that makes the current or next operation fail promptly.
     fn interrupter(&self) -> Interrupter;
 
     /// Totals and per-sensor aggregates, for `sensord stats`.
     fn summary(&mut self) -> Result<Summary, Error>;
+
+    /// True once the store found that the database it writes was deleted
+    /// or replaced under it while running (and recovered by reopening):
+    /// such a run must not report a clean stop.
+    fn replaced(&self) -> bool {
+        false
+    }
 }
 
 /// What `sensord stats` reports.
@@ -145,42 +183,6 @@ pub fn sort_for_index_on_two_threads(readings: &mut [Reading]) {
     }
 }
 
-/// `sort_for_index` for readings whose first `sorted` already are in index
-/// order: sorts the rest and merges it in, a pass over the readings instead
-/// of a sort of all of them. A million readings of which 125,000 are new:
-/// about 15 ms instead of 90.
-pub fn sort_for_index_after(readings: &mut [Reading], sorted: usize) {
-    let sorted = sorted.min(readings.len());
-    sort_for_index(&mut readings[sorted..]);
-    merge_sorted_runs(readings, sorted);
-}
-
-/// Merges `readings[..mid]` and `readings[mid..]`, each already in index
-/// order, into one run in index order, stably. The second run is copied
-/// aside (it is the shorter one in every use) and the merge fills from the
-/// back, so readings of the first run that sort before all of the second
-/// stay where they are. Nothing in the loop can panic, so the readings are
-/// never left half merged.
-pub fn merge_sorted_runs(readings: &mut [Reading], mid: usize) {
-    if mid == 0 || mid >= readings.len() || index_order(&readings[mid - 1], &readings[mid]).is_le()
-    {
-        return;
-    }
-    let second = readings[mid..].to_vec();
-    // Invariant: k == i + j, the next slot to fill from the back.
-    let (mut i, mut j) = (mid, second.len());
-    while j > 0 {
-        let k = i + j - 1;
-        if i > 0 && index_order(&readings[i - 1], &second[j - 1]).is_gt() {
-            readings[k] = readings[i - 1];
-            i -= 1;
-        } else {
-            readings[k] = second[j - 1];
-            j -= 1;
-        }
-    }
-}
-
 fn index_order(a: &Reading, b: &Reading) -> std::cmp::Ordering {
     a.sensor_id
         .cmp(&b.sensor_id)
@@ -241,6 +243,9 @@ pub struct Options {
     pub busy_timeout: std::time::Duration,
     /// The measurements table (PostgreSQL; SQLite takes only the default).
     pub table: String,
+    /// Stop requests during start-up: a connect or schema creation waiting
+    /// on the database gives up when one comes.
+    pub stop: Option<crate::shutdown::Shutdown>,
 }
 
 /// True if `db` names a PostgreSQL server rather than a SQLite file.
@@ -279,46 +284,5 @@ mod tests {
             );
             assert_eq!(readings, expected, "n = {n}");
         }
-    }
-
-    proptest::proptest! {
-        /// Whatever the split, and however many readings share a key, the
-        /// result is in index order and holds exactly the readings given.
-        #[test]
-        fn sorting_after_a_sorted_prefix_gives_index_order(
-            keys in proptest::collection::vec((0i64..20, 0u8..8), 0..400),
-            split in 0.0f64..=1.0,
-        ) {
-            let readings: Vec<Reading> = keys
-                .iter()
-                .enumerate()
-                .map(|(i, &(sensor_id, t))| Reading {
-                    sensor_id,
-                    temperature: i as f64,
-                    humidity: 0.0,
-                    ingested_at: f64::from(t),
-                    received_at: 0.0,
-                })
-                .collect();
-            let sorted = (readings.len() as f64 * split) as usize;
-            let mut merged = readings.clone();
-            sort_for_index(&mut merged[..sorted]);
-            sort_for_index_after(&mut merged, sorted);
-            proptest::prop_assert!(merged.is_sorted_by(|a, b| index_order(a, b).is_le()));
-            // Each reading is tagged by its position: none lost or doubled.
-            let mut tags: Vec<usize> = merged.iter().map(|r| r.temperature as usize).collect();
-            tags.sort_unstable();
-            proptest::prop_assert_eq!(tags, (0..readings.len()).collect::<Vec<_>>());
-        }
-    }
-
-    #[test]
-    fn sorting_after_a_sorted_prefix_of_a_million() {
-        let mut readings = arrivals(1_000_000);
-        let mut expected = readings.clone();
-        sort_for_index(&mut expected);
-        sort_for_index(&mut readings[..875_000]);
-        sort_for_index_after(&mut readings, 875_000);
-        assert_eq!(readings, expected);
     }
 }

@@ -25,7 +25,10 @@ use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::Type;
 use postgres::{CancelToken, Client, Config, NoTls, Transaction};
 
-use super::{BatchId, Interrupter, Options, SensorSummary, Store, Summary, per_sensor_sql};
+use super::{
+    BatchId, Interrupter, Options, Refusal, SensorSummary, SpillBatch, Store, Summary,
+    per_sensor_sql,
+};
 use crate::error::Error;
 use crate::reading::Reading;
 
@@ -355,7 +358,7 @@ pub fn redact(url: &str) -> String {
 }
 
 impl Store for PostgresStore {
-    fn write_batch(&mut self, id: BatchId, readings: &[Reading]) -> Result<(), Error> {
+    fn write_batch(&mut self, id: BatchId, readings: &[Reading]) -> Result<Vec<Refusal>, Error> {
         #[cfg(feature = "failpoints")]
         fail::fail_point!("store::write_batch", |message| Err(Error::database(
             format!("cannot write batch to {}", self.url),
@@ -375,13 +378,13 @@ impl Store for PostgresStore {
             result = self.try_write(id, readings);
         }
         match result {
-            Ok(true) => Ok(()),
+            Ok(true) => Ok(Vec::new()),
             Ok(false) => {
                 info!(
                     "batch {:016x}/{} was committed by an earlier attempt; not writing it again",
                     id.run, id.seq
                 );
-                Ok(())
+                Ok(Vec::new())
             }
             Err(e) => {
                 self.disconnect();
@@ -393,7 +396,16 @@ impl Store for PostgresStore {
         }
     }
 
-    fn import_spill(&mut self, key: &str, readings: &[Reading]) -> Result<bool, Error> {
+    fn import_spill(
+        &mut self,
+        key: &str,
+        batches: &[SpillBatch],
+    ) -> Result<Option<Vec<Refusal>>, Error> {
+        let readings: Vec<Reading> = batches
+            .iter()
+            .flat_map(|b| b.readings.iter().copied())
+            .collect();
+        let readings = &readings[..];
         let what = format!("cannot import spill file into {}", self.url);
         let copy = copy_statement(&self.table);
         let table = self.table.clone();
@@ -414,10 +426,14 @@ impl Store for PostgresStore {
         let result = self
             .client()
             .and_then(|client| attempt(client).map_err(Failure::Sql));
-        result.map_err(|e| {
-            self.disconnect();
-            Error::database(what, e.cause())
-        })
+        match result {
+            Ok(true) => Ok(Some(Vec::new())),
+            Ok(false) => Ok(None),
+            Err(e) => {
+                self.disconnect();
+                Err(Error::database(what, e.cause()))
+            }
+        }
     }
 
     fn interrupter(&self) -> Interrupter {

@@ -1,5 +1,4 @@
-//! The embedded default: one SQLite file in WAL mode (a stop's final
-//! flush aside: see `SqliteStore::leave_wal`).
+//! The embedded default: one SQLite file in WAL mode.
 
 use std::ffi::c_int;
 use std::path::Path;
@@ -13,7 +12,10 @@ use rusqlite::hooks::Wal;
 use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use super::{BatchId, Interrupter, Options, SensorSummary, Store, Summary, per_sensor_sql};
+use super::{
+    BatchId, Interrupter, Options, Refusal, SensorSummary, SpillBatch, Store, Summary,
+    per_sensor_sql,
+};
 use crate::error::Error;
 use crate::reading::{Reading, unix_now};
 
@@ -155,9 +157,6 @@ impl SqliteStore {
         // WAL lets readers (sqlite3, `sensord stats`) work while we write;
         // NORMAL syncs at checkpoints, not every commit, which WAL keeps safe
         // against corruption (a power cut can lose only the last commits).
-        // A clean stop leaves the file in rollback-journal mode (see
-        // `leave_wal`); switching back waits, up to the busy timeout, for a
-        // reader in the middle of a read.
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(open_error)?;
@@ -268,42 +267,6 @@ impl SqliteStore {
         let _ = checkpointer.join();
     }
 
-    /// Switches the file to a rollback journal for its last transaction,
-    /// if no other connection has it open; returns true if it did. A large
-    /// final batch then writes each page once, into the database file,
-    /// instead of into the WAL and once more when closing copies the WAL
-    /// back (a million readings: about 0.15 s less, SIGTERM to exit). It is
-    /// as durable, and leaves one self-contained file all the same; the
-    /// next `open` switches back to WAL. With another connection open (a
-    /// reader), the file stays in WAL mode and closing checkpoints as usual.
-    fn leave_wal(&mut self) -> bool {
-        self.stop_checkpointer();
-        match self
-            .conn
-            .pragma_update_and_check(None, "journal_mode", "DELETE", |row| {
-                row.get::<_, String>(0)
-            }) {
-            Ok(mode) if mode.eq_ignore_ascii_case("delete") => {
-                // NORMAL is corruption-proof in WAL mode only; with a
-                // rollback journal, FULL also syncs the journal's header
-                // (a millisecond here), so a power cut mid-commit cannot
-                // leave a damaged file.
-                if let Err(e) = self.conn.pragma_update(None, "synchronous", "FULL") {
-                    warn!("final flush keeps synchronous=NORMAL: {}", cause(&e));
-                }
-                true
-            }
-            Ok(mode) => {
-                debug!("final flush stays in journal mode {mode}");
-                false
-            }
-            Err(e) => {
-                debug!("final flush stays in WAL mode: {}", cause(&e));
-                false
-            }
-        }
-    }
-
     /// Inserts `readings` in the open transaction `tx`, stopping early if
     /// interrupted: `sqlite3_interrupt` alone is lost between two statements.
     fn insert_all(
@@ -388,22 +351,16 @@ fn cause(e: &rusqlite::Error) -> String {
 }
 
 impl Store for SqliteStore {
-    fn write_batch(&mut self, _id: BatchId, readings: &[Reading]) -> Result<(), Error> {
-        self.write(readings, TransactionBehavior::Immediate)
+    fn write_batch(&mut self, _id: BatchId, readings: &[Reading]) -> Result<Vec<Refusal>, Error> {
+        self.write(readings, TransactionBehavior::Immediate)?;
+        Ok(Vec::new())
     }
 
-    fn write_final(&mut self, _id: BatchId, readings: &[Reading]) -> Result<(), Error> {
-        // Without WAL, readers arriving mid-transaction would make its
-        // page writes wait; EXCLUSIVE keeps them out until it commits.
-        let behavior = if self.leave_wal() {
-            TransactionBehavior::Exclusive
-        } else {
-            TransactionBehavior::Immediate
-        };
-        self.write(readings, behavior)
-    }
-
-    fn import_spill(&mut self, key: &str, readings: &[Reading]) -> Result<bool, Error> {
+    fn import_spill(
+        &mut self,
+        key: &str,
+        batches: &[SpillBatch],
+    ) -> Result<Option<Vec<Refusal>>, Error> {
         let what = || format!("cannot import spill file into {}", self.path);
         let sql_error = |e: rusqlite::Error| Error::database(what(), cause(&e));
         let tx = self
@@ -419,16 +376,20 @@ impl Store for SqliteStore {
             .optional()
             .map_err(sql_error)?;
         if seen.is_some() {
-            return Ok(false);
+            return Ok(None);
         }
-        Self::insert_all(&tx, readings, &self.interrupted).map_err(sql_error)?;
+        let mut count = 0;
+        for batch in batches {
+            Self::insert_all(&tx, &batch.readings, &self.interrupted).map_err(sql_error)?;
+            count += batch.readings.len();
+        }
         tx.execute(
             "INSERT INTO sensord_spill_imports (spill_key, readings, imported_at) VALUES (?1, ?2, ?3)",
-            params![key, readings.len() as i64, unix_now()],
+            params![key, count as i64, unix_now()],
         )
         .map_err(sql_error)?;
         tx.commit().map_err(sql_error)?;
-        Ok(true)
+        Ok(Some(Vec::new()))
     }
 
     fn interrupter(&self) -> Interrupter {
@@ -498,6 +459,7 @@ mod tests {
         let options = Options {
             busy_timeout: Duration::from_secs(5),
             table: super::super::DEFAULT_TABLE.to_string(),
+            stop: None,
         };
         let mut store = SqliteStore::open(path_str, &options).unwrap();
         let (batches, per_batch) = (4, 200_000);
