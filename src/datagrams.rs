@@ -79,6 +79,13 @@ impl Datagrams {
         Some((&self.bufs[start..start + len], source))
     }
 
+    /// Drops the received datagrams not taken yet; returns how many.
+    pub fn discard_pending(&mut self) -> u64 {
+        let pending = self.pending();
+        self.taken = self.received.len();
+        pending as u64
+    }
+
     /// When the last `recv` returned, as unix seconds: the receive time of
     /// every datagram it took.
     pub fn received_at(&self) -> f64 {

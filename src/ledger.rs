@@ -27,6 +27,18 @@ pub struct Ledger {
     pub flushed_at_shutdown: AtomicU64,
     /// Readings written to the spill file at shutdown.
     pub spilled: AtomicU64,
+    /// Readings the database refused for good, in the dead-letter file.
+    pub dead_letter: AtomicU64,
+    /// Readings that could be neither committed nor written to a file.
+    pub lost: AtomicU64,
+    /// Datagrams read at a stop beyond what the drain keeps, and dropped
+    /// unparsed (see `receiver`); part of `unread`.
+    pub discarded: AtomicU64,
+    /// The socket's kernel drop counter when the stop began, plus one: from
+    /// then on a socket filter turns datagrams away, and the kernel counts
+    /// them as drops, which the shutdown line reports as `unread`. Zero
+    /// while running.
+    pub drops_at_stop: AtomicU64,
 }
 
 /// A point-in-time copy of the ledger, plus the socket's kernel drop counter.
@@ -40,8 +52,15 @@ pub struct Counts {
     pub persisted: u64,
     pub flushed_at_shutdown: u64,
     pub spilled: u64,
-    /// Datagrams the kernel dropped on our socket (Linux only; 0 elsewhere).
+    pub dead_letter: u64,
+    pub lost: u64,
+    /// Datagrams the kernel dropped on our socket before a stop began
+    /// (Linux only; 0 elsewhere).
     pub kernel_drops: u64,
+    /// Datagrams that arrived after a stop began and were not read.
+    pub unread: u64,
+    /// Rejections by reason, indexed by `Rejection::index`.
+    pub rejected_by_reason: [u64; Rejection::KINDS],
 }
 
 impl Ledger {
@@ -58,8 +77,16 @@ impl Ledger {
         Self::add(&self.rejected_by_reason[rejection.index()], 1);
     }
 
+    /// The counters now; `kernel_drops` is the socket's drop counter now.
     pub fn snapshot(&self, kernel_drops: u64) -> Counts {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (kernel_drops, unread) = match get(&self.drops_at_stop) {
+            0 => (kernel_drops, 0),
+            at_stop => {
+                let at_stop = (at_stop - 1).min(kernel_drops);
+                (at_stop, kernel_drops - at_stop)
+            }
+        };
         Counts {
             received: get(&self.received),
             denied: get(&self.denied),
@@ -69,7 +96,29 @@ impl Ledger {
             persisted: get(&self.persisted),
             flushed_at_shutdown: get(&self.flushed_at_shutdown),
             spilled: get(&self.spilled),
+            dead_letter: get(&self.dead_letter),
+            lost: get(&self.lost),
             kernel_drops,
+            unread: unread + get(&self.discarded),
+            rejected_by_reason: self.rejected_by_reason.each_ref().map(get),
+        }
+    }
+}
+
+impl Counts {
+    /// Rejections by reason, `(not_json=3 missing_field=1)`, or nothing.
+    pub fn reasons(&self) -> String {
+        let parts: Vec<String> = self
+            .rejected_by_reason
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| format!("{}={n}", Rejection::kind_name(i)))
+            .collect();
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join(" "))
         }
     }
 }
@@ -79,13 +128,16 @@ impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "received={} accepted={} rejected={} denied={} persisted={} queued={} kernel_drops={}",
+            "received={} accepted={} rejected={}{} denied={} persisted={} queued={} \
+             dead_letter={} kernel_drops={}",
             self.received,
             self.accepted,
             self.rejected,
+            self.reasons(),
             self.denied,
             self.persisted,
             self.queued,
+            self.dead_letter,
             self.kernel_drops
         )
     }

@@ -8,13 +8,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use log::{error, info};
+use log::{error, info, warn};
 
 use sensord::client::{self, SendConfig, SensorIds};
 use sensord::persister::BatchConfig;
 use sensord::receiver::{self, Cidr};
 use sensord::server::{self, Config};
-use sensord::{Error, Shutdown, spill, stats, store};
+use sensord::spill::{self, Spill};
+use sensord::{Error, Shutdown, stats, store};
 
 /// Collects JSON sensor readings over UDP and stores every one of them.
 #[derive(Parser)]
@@ -112,8 +113,16 @@ struct StatsArgs {
     json: bool,
 }
 
+/// The longest duration any flag takes: far beyond any use, and small
+/// enough that adding it to a clock reading can never overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| e.to_string())
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration > MAX_DURATION {
+        return Err("must be at most 100 years".into());
+    }
+    Ok(duration)
 }
 
 fn main() -> ExitCode {
@@ -122,16 +131,10 @@ fn main() -> ExitCode {
     // Test builds read injected failures from the FAILPOINTS variable.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let shutdown = match register_signals() {
-        Ok(shutdown) => shutdown,
-        Err(e) => {
-            eprintln!("error: cannot register signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
-        Command::Serve(args) => serve(args, shutdown),
-        Command::Send(args) => send(args, &shutdown),
+        Command::Serve(args) => register_signals().and_then(|shutdown| serve(args, shutdown)),
+        Command::Send(args) => register_signals().and_then(|shutdown| send(args, &shutdown)),
+        // Nothing to flush: the default action of SIGINT ends it at once.
         Command::Stats(args) => show_stats(&args),
     };
     result.unwrap_or_else(|e| {
@@ -141,17 +144,25 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
-    let spill_path = args.spill.unwrap_or_else(|| spill::default_path(&args.db));
-    let mut store = store::open(
-        &args.db,
-        &store::Options {
-            busy_timeout: args.busy_timeout,
-            table: args.table,
-            stop: Some(shutdown.clone()),
-        },
-    )?;
-    spill::replay(&spill_path, store.as_mut(), args.skip_bad_spill_lines)?;
+    let spill_path = args
+        .spill
+        .unwrap_or_else(|| spill::default_path(&args.db, &args.table));
+    // Claimed and bound before the database is touched: a second instance
+    // or a port in use fails without creating anything.
+    let spill = Spill::claim(&spill_path)?;
     let socket = receiver::bind(&args.bind, args.recv_buffer)?;
+    let options = store::Options {
+        busy_timeout: args.busy_timeout,
+        table: args.table,
+        stop: Some(shutdown.clone()),
+    };
+    let store = start_up(
+        &args.db,
+        &options,
+        &spill,
+        args.skip_bad_spill_lines,
+        &shutdown,
+    )?;
     let config = Config {
         batch: BatchConfig {
             batch_size: usize::try_from(args.batch_size).unwrap_or(usize::MAX),
@@ -160,15 +171,90 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
         queue_capacity: usize::try_from(args.queue_capacity).unwrap_or(usize::MAX),
         stats_interval: args.stats_interval,
         allow: args.allow,
-        spill_path,
+        busy_timeout: args.busy_timeout,
     };
-    let outcome = server::run(socket, store, config, shutdown)?;
+    let outcome = server::run(socket, store, spill, config, shutdown)?;
     info!("{}", outcome.shutdown_line());
-    if outcome.flush.clean() {
+    if outcome.counts.dead_letter > 0 {
+        warn!(
+            "{} readings refused by the database are in {}",
+            outcome.counts.dead_letter,
+            spill::dead_letter_path(&spill_path).display()
+        );
+    }
+    if outcome.clean() {
         Ok(ExitCode::SUCCESS)
     } else {
         error!("exiting with status 1: not everything received is in the database");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Opens the store and imports a spill file left by an earlier run. A
+/// stop request meanwhile interrupts the database work, leaves the spill
+/// file as it was (its import is one transaction), and ends start-up.
+fn start_up(
+    db: &str,
+    options: &store::Options,
+    spill: &Spill,
+    skip_bad_spill_lines: bool,
+    shutdown: &Shutdown,
+) -> Result<Box<dyn store::Store>, Error> {
+    let stopped = |phase: &str| {
+        Error::Config(format!(
+            "stopped during start-up ({phase}); nothing was imported and the spill file, if \
+             any, is kept"
+        ))
+    };
+    let mut store = store::open(db, options).map_err(|e| {
+        if shutdown.requested() {
+            stopped("opening the database")
+        } else {
+            e
+        }
+    })?;
+    if shutdown.requested() {
+        return Err(stopped("opening the database"));
+    }
+    let replayed = {
+        let _watch = InterruptOnStop::start(shutdown.clone(), store.interrupter());
+        spill.replay(store.as_mut(), skip_bad_spill_lines)
+    };
+    match replayed {
+        Err(_) if shutdown.requested() => Err(stopped("replaying the spill file")),
+        Err(e) => Err(e),
+        Ok(_) if shutdown.requested() => Err(Error::Config(
+            "stopped during start-up, after the spill file was imported".into(),
+        )),
+        Ok(_) => Ok(store),
+    }
+}
+
+/// While it lives, a thread interrupts the store as soon as a stop is
+/// requested (and again every 50 ms, as an interrupt between two
+/// statements is lost). Dropping it ends the thread.
+struct InterruptOnStop {
+    _done: crossbeam_channel::Sender<()>,
+}
+
+impl InterruptOnStop {
+    fn start(shutdown: Shutdown, interrupt: store::Interrupter) -> Self {
+        let (done, until) = crossbeam_channel::bounded::<()>(0);
+        let spawned = std::thread::Builder::new()
+            .name("start-up".into())
+            .spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    until.recv_timeout(Duration::from_millis(50))
+                {
+                    if shutdown.requested() {
+                        interrupt();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot watch for stop requests during start-up: {e}");
+        }
+        InterruptOnStop { _done: done }
     }
 }
 
@@ -224,17 +310,28 @@ fn init_logging() {
     }));
 }
 
-/// Counts SIGINT and SIGTERM into a `Shutdown`: the first asks for a clean
-/// stop, a second to abandon the final flush. Registered before any thread
-/// starts, so every thread inherits the handlers.
-fn register_signals() -> std::io::Result<Shutdown> {
-    let shutdown = Shutdown::new()?;
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // SAFETY: the action only does an atomic add and a write(2), both
-        // async-signal-safe.
-        unsafe {
-            signal_hook::low_level::register(signal, shutdown.signal_action())?;
+/// Counts SIGINT, SIGTERM and SIGHUP (a closed terminal) into a
+/// `Shutdown`: the first asks for a clean stop, a second to hurry.
+/// Registered before any thread starts, so every thread inherits the
+/// handlers.
+fn register_signals() -> Result<Shutdown, Error> {
+    let register = || -> std::io::Result<Shutdown> {
+        let shutdown = Shutdown::new()?;
+        for signal in [
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
+        ] {
+            // SAFETY: the action only does an atomic add and a write(2),
+            // both async-signal-safe.
+            unsafe {
+                signal_hook::low_level::register(signal, shutdown.signal_action())?;
+            }
         }
-    }
-    Ok(shutdown)
+        Ok(shutdown)
+    };
+    register().map_err(|source| Error::Io {
+        what: "register signal handlers",
+        source,
+    })
 }

@@ -1,30 +1,28 @@
-//! The batching thread and the shutdown guard. Knows the channel and a
-//! `Store`, never sockets.
+//! The batching thread. Knows the channel and a `Store`, never sockets.
 //!
 //! The persister commits a batch when it reaches `batch_size` readings or
-//! when `flush_interval` has passed since its first reading. A failed batch
-//! is kept and retried, under the same batch id, with capped exponential
-//! backoff, never dropped; while it retries the channel fills and the
-//! receiver waits.
+//! when `flush_interval` has passed since its first reading. A batch that
+//! fails for a transient reason is kept and retried, under the same batch
+//! id, with capped exponential backoff, never dropped; while it retries the
+//! channel fills and the receiver waits. Readings the database refuses for
+//! good are set aside by the store and written to the dead-letter file
+//! here, so one poison reading never stalls the rest.
 //!
-//! `ShutdownGuard` replaces the original design's `atexit` handler: dropping
-//! it commits everything still in flight in one transaction, or writes it to
-//! the spill file when that fails or a second signal says to hurry.
+//! What is still in flight at a stop is the shutdown guard's
+//! (`shutdown::guard`), which shares `Shared` with the persister.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use log::{debug, error, info, warn};
 
-use crate::error::Error;
 use crate::ledger::Ledger;
 use crate::reading::Reading;
 use crate::shutdown::Shutdown;
-use crate::spill;
-use crate::store::{self, BatchId, Interrupter, Store};
+use crate::spill::Spill;
+use crate::store::{self, BatchId, Interrupter, Refusal, Store};
 
 /// The longest a waiting persister sleeps. Only a safety net: a stop
 /// request unparks it (the guard) or disconnects the channel (the
@@ -33,13 +31,10 @@ const POLL: Duration = Duration::from_secs(1);
 /// First and largest delay between attempts to write a failed batch.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// After a second signal, how long an interrupted write may take to return
-/// before the guard stops waiting for it and spills its readings.
-const FORCED_GRACE: Duration = Duration::from_secs(1);
 /// Locks `mutex` even if a panicking thread poisoned it: every holder
 /// leaves the data consistent between statements, and a transaction a
 /// panicking persister left open was rolled back when it unwound.
-fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -47,28 +42,36 @@ fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// locked briefly, so the guard can take them even from a persister that
 /// panicked or is stuck in a write.
 #[derive(Debug, Default)]
-struct Held {
+pub(crate) struct Held {
     /// Waiting for the next batch, oldest first.
-    readings: Vec<Reading>,
+    pub(crate) readings: Vec<Reading>,
     /// The batch being written, with its id: after a failed attempt a store
     /// may not know whether it landed, so it is only ever retried under
     /// the same id.
-    in_flight: Option<(BatchId, Arc<Vec<Reading>>)>,
+    pub(crate) in_flight: Option<(BatchId, Arc<Vec<Reading>>)>,
 }
 
 /// What the persister and the shutdown guard share.
 pub struct Shared {
-    store: Mutex<Box<dyn Store>>,
+    pub(crate) store: Mutex<Box<dyn Store>>,
     /// Obtained at start: it must work while another thread holds `store`.
-    interrupt: Interrupter,
-    held: Mutex<Held>,
+    pub(crate) interrupt: Interrupter,
+    pub(crate) held: Mutex<Held>,
     ids: Mutex<BatchIds>,
-    ledger: Arc<Ledger>,
-    shutdown: Shutdown,
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) shutdown: Shutdown,
+    /// Where readings go that cannot be committed: the spill file at a
+    /// stop, the dead-letter file for refused readings.
+    pub(crate) spill: Spill,
 }
 
 impl Shared {
-    pub fn new(store: Box<dyn Store>, ledger: Arc<Ledger>, shutdown: Shutdown) -> Self {
+    pub fn new(
+        store: Box<dyn Store>,
+        ledger: Arc<Ledger>,
+        shutdown: Shutdown,
+        spill: Spill,
+    ) -> Self {
         Shared {
             interrupt: store.interrupter(),
             store: Mutex::new(store),
@@ -76,11 +79,37 @@ impl Shared {
             ids: Mutex::new(BatchIds::new()),
             ledger,
             shutdown,
+            spill,
         }
     }
 
-    fn next_id(&self) -> BatchId {
+    pub(crate) fn next_id(&self) -> BatchId {
         lock(&self.ids).next()
+    }
+
+    /// Counts a committed write of `n` readings of which the store refused
+    /// `refused`, and writes those to the dead-letter file (or counts them
+    /// lost if it cannot).
+    pub(crate) fn committed(&self, n: usize, refused: &[Refusal]) {
+        Ledger::add(&self.ledger.persisted, (n - refused.len()) as u64);
+        if refused.is_empty() {
+            return;
+        }
+        let count = refused.len() as u64;
+        match self.spill.dead_letters(refused) {
+            Ok(()) => {
+                Ledger::add(&self.ledger.dead_letter, count);
+                warn!(
+                    "the database refused {count} readings for good ({}); they are in {}",
+                    refused[0].cause,
+                    self.spill.dead_letter_path().display()
+                );
+            }
+            Err(e) => {
+                Ledger::add(&self.ledger.lost, count);
+                error!("{e}; {count} readings the database refused are lost");
+            }
+        }
     }
 }
 
@@ -248,8 +277,8 @@ impl Persister {
             fail::fail_point!("persister::commit");
             let result = lock(&self.shared.store).write_batch(id, &batch);
             match result {
-                Ok(_refused) => {
-                    Ledger::add(&self.shared.ledger.persisted, n as u64);
+                Ok(refused) => {
+                    self.shared.committed(n, &refused);
                     debug!(
                         "committed {n} readings in {:.1} ms",
                         started.elapsed().as_secs_f64() * 1e3
@@ -286,287 +315,4 @@ impl Persister {
 /// Sleeps for `duration`; returns false at once if shutdown is requested.
 fn sleep_unless_shutdown(duration: Duration, shutdown: &Shutdown) -> bool {
     !shutdown.wait(duration)
-}
-
-/// What the final flush did, for the shutdown line and the exit code.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FlushReport {
-    /// The persister panicked; the log says why.
-    pub persister_panicked: bool,
-    /// The receiver stopped with this error.
-    pub receiver_error: Option<String>,
-    /// Readings were written to the spill file instead of the database.
-    pub spilled: bool,
-    /// Readings could be neither committed nor spilled: they are lost.
-    pub lost: u64,
-}
-
-impl FlushReport {
-    /// True when everything received is in the database.
-    pub fn clean(&self) -> bool {
-        !self.persister_panicked && self.receiver_error.is_none() && !self.spilled && self.lost == 0
-    }
-}
-
-/// Owns everything still in flight: the receiver and persister threads, the
-/// channel between them, and what the persister holds. Dropping it stops
-/// the threads, then commits every uncommitted reading in ONE transaction
-/// (after retrying, under its own id, a batch whose write had failed), or
-/// spills them.
-pub struct ShutdownGuard {
-    /// Joined first: its tail is what it read after the stop.
-    pub receiver: Option<JoinHandle<Result<Vec<Reading>, Error>>>,
-    /// Joined second; a panic here is reported, and what it held is salvaged.
-    pub persister: Option<JoinHandle<()>>,
-    /// A second handle on the channel, so what is queued survives the
-    /// persister (a panicking thread drops its own handle).
-    rx: Receiver<Vec<Reading>>,
-    shared: Arc<Shared>,
-    spill_path: PathBuf,
-    /// Set once the flush ran, so `Drop` after `finish` does nothing.
-    report: Option<FlushReport>,
-}
-
-/// The readings the final flush must commit: perhaps a batch to retry
-/// under its old id, then the rest.
-struct Uncommitted {
-    retry: Option<(BatchId, Arc<Vec<Reading>>)>,
-    rest: Vec<Reading>,
-}
-
-impl ShutdownGuard {
-    pub fn new(rx: Receiver<Vec<Reading>>, shared: Arc<Shared>, spill_path: PathBuf) -> Self {
-        ShutdownGuard {
-            receiver: None,
-            persister: None,
-            rx,
-            shared,
-            spill_path,
-            report: None,
-        }
-    }
-
-    /// Runs the final flush now and returns what it did.
-    pub fn finish(mut self) -> FlushReport {
-        self.flush()
-    }
-
-    fn flush(&mut self) -> FlushReport {
-        if let Some(report) = &self.report {
-            return report.clone();
-        }
-        let mut report = FlushReport::default();
-        // Threads stop on the trigger; an internal stop (a panic) sets it here.
-        if !self.shared.shutdown.requested() {
-            self.shared.shutdown.trigger();
-        }
-        // A persister sleeping until its batch is due stops now.
-        if let Some(persister) = &self.persister {
-            persister.thread().unpark();
-        }
-        let mut tail = Vec::new();
-        if let Some(receiver) = self.receiver.take() {
-            match receiver.join() {
-                Ok(Ok(readings)) => tail = readings,
-                Ok(Err(e)) => report.receiver_error = Some(e.to_string()),
-                Err(_) => report.receiver_error = Some("the receiver thread panicked".into()),
-            }
-        }
-        let mut persister_stuck = false;
-        if let Some(persister) = self.persister.take() {
-            if self.wait_for(&persister) {
-                if persister.join().is_err() {
-                    error!(
-                        "the persister thread panicked; flushing what it held and what is queued"
-                    );
-                    report.persister_panicked = true;
-                }
-            } else {
-                // It still holds the store; its readings are in `held`.
-                persister_stuck = true;
-            }
-        }
-        let mut uncommitted = {
-            let mut held = lock(&self.shared.held);
-            Uncommitted {
-                retry: held.in_flight.take(),
-                rest: std::mem::take(&mut held.readings),
-            }
-        };
-        // The receiver has stopped, so nothing more arrives; empty the channel.
-        for chunk in self.rx.try_iter() {
-            Ledger::sub(&self.shared.ledger.queued, chunk.len() as u64);
-            uncommitted.rest.extend(chunk);
-        }
-        uncommitted.rest.append(&mut tail);
-        if uncommitted.retry.is_some() || !uncommitted.rest.is_empty() {
-            let uncommitted = if persister_stuck {
-                warn!("the persister did not stop after a second signal; spilling what it held");
-                Some(uncommitted)
-            } else {
-                self.final_flush(uncommitted)
-            };
-            if let Some(uncommitted) = uncommitted {
-                self.spill(uncommitted, &mut report);
-            }
-        }
-        self.report = Some(report.clone());
-        report
-    }
-
-    /// Waits for the persister to stop. After a second signal it interrupts
-    /// the store, and gives up waiting (returning false) if the persister is
-    /// still stuck in a write `FORCED_GRACE` later.
-    fn wait_for(&self, persister: &JoinHandle<()>) -> bool {
-        let mut forced_at: Option<Instant> = None;
-        while !persister.is_finished() {
-            if self.shared.shutdown.forced() {
-                let since = *forced_at.get_or_insert_with(Instant::now);
-                (self.shared.interrupt)();
-                if since.elapsed() > FORCED_GRACE {
-                    return false;
-                }
-            }
-            thread::sleep(Duration::from_millis(2));
-        }
-        true
-    }
-
-    /// Commits the uncommitted readings on a helper thread, so a second
-    /// signal can abandon it. Returns what did not commit.
-    fn final_flush(&mut self, mut uncommitted: Uncommitted) -> Option<Uncommitted> {
-        // The retried batch was sorted when it was first taken. The
-        // receiver has stopped, so the second core is free to sort.
-        store::sort_for_index_on_two_threads(&mut uncommitted.rest);
-        let started = Instant::now();
-        let shared = Arc::clone(&self.shared);
-        let rest = Arc::new(uncommitted.rest);
-        let (retry, rest_for_flusher) = (uncommitted.retry.clone(), Arc::clone(&rest));
-        let id = self.shared.next_id();
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        let flusher = thread::Builder::new()
-            .name("flusher".into())
-            .spawn(move || {
-                let mut store = lock(&shared.store);
-                // How far it got: the retried batch committed, then the rest.
-                let mut retried = false;
-                let result = (|| {
-                    if let Some((id, batch)) = &retry {
-                        store.write_batch(*id, batch)?;
-                        retried = true;
-                    }
-                    if !rest_for_flusher.is_empty() {
-                        store.write_batch(id, &rest_for_flusher)?;
-                    }
-                    Ok(())
-                })();
-                // The guard may have given up waiting; then nobody listens.
-                let _ = done_tx.send((retried, result));
-            });
-        let outcome = match flusher {
-            Ok(_) => self.await_flush(&done_rx),
-            Err(e) => Some((
-                false,
-                Err(Error::Thread {
-                    name: "flusher",
-                    source: e,
-                }),
-            )),
-        };
-        let retry_len = uncommitted
-            .retry
-            .as_ref()
-            .map_or(0, |(_, batch)| batch.len());
-        let (retried, result) = match outcome {
-            Some(outcome) => outcome,
-            None => {
-                warn!(
-                    "the final flush did not answer after a second signal; spilling its \
-                     readings (if it did commit, replay may add them twice)"
-                );
-                (false, Err(Error::database("final flush", "abandoned")))
-            }
-        };
-        let committed =
-            if retried { retry_len } else { 0 } + if result.is_ok() { rest.len() } else { 0 };
-        Ledger::add(&self.shared.ledger.persisted, committed as u64);
-        Ledger::add(&self.shared.ledger.flushed_at_shutdown, committed as u64);
-        match result {
-            Ok(()) => {
-                info!(
-                    "final flush committed {committed} readings in {:.3}s",
-                    started.elapsed().as_secs_f64()
-                );
-                None
-            }
-            Err(e) => {
-                error!("final flush failed: {e}");
-                Some(Uncommitted {
-                    retry: if retried { None } else { uncommitted.retry },
-                    rest: Arc::unwrap_or_clone(rest),
-                })
-            }
-        }
-    }
-
-    /// The flush's outcome, or None if a second signal came and the
-    /// interrupted flush did not report within `FORCED_GRACE`.
-    fn await_flush(
-        &self,
-        done: &Receiver<(bool, Result<(), Error>)>,
-    ) -> Option<(bool, Result<(), Error>)> {
-        let mut forced_at: Option<Instant> = None;
-        loop {
-            match done.recv_timeout(Duration::from_millis(20)) {
-                Ok(outcome) => return Some(outcome),
-                Err(RecvTimeoutError::Disconnected) => {
-                    let panicked = Error::database("final flush", "the flush thread panicked");
-                    return Some((false, Err(panicked)));
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            if self.shared.shutdown.forced() {
-                let since = *forced_at.get_or_insert_with(|| {
-                    warn!("second signal: abandoning the final flush");
-                    Instant::now()
-                });
-                // Repeated: an interrupt between two statements is not sticky.
-                (self.shared.interrupt)();
-                if since.elapsed() > FORCED_GRACE {
-                    return None;
-                }
-            }
-        }
-    }
-
-    /// Writes what did not commit to the spill file.
-    fn spill(&self, uncommitted: Uncommitted, report: &mut FlushReport) {
-        let mut readings = match uncommitted.retry {
-            Some((_, batch)) => Arc::unwrap_or_clone(batch),
-            None => Vec::new(),
-        };
-        readings.extend(uncommitted.rest);
-        let count = readings.len() as u64;
-        report.spilled = true;
-        match spill::write(&self.spill_path, &readings) {
-            Ok(()) => {
-                Ledger::add(&self.shared.ledger.spilled, count);
-                info!("spilled {count} readings to {}", self.spill_path.display());
-            }
-            Err(e) => {
-                error!("{e}; {count} readings are lost");
-                report.lost = count;
-            }
-        }
-    }
-}
-
-impl Drop for ShutdownGuard {
-    /// Flushes what is in flight unless `finish` already did.
-    fn drop(&mut self) {
-        let report = self.flush();
-        if !report.clean() {
-            warn!("shutdown guard finished: {report:?}");
-        }
-    }
 }

@@ -43,13 +43,19 @@ impl Reading {
             (Field::Temperature, self.temperature),
             (Field::Humidity, self.humidity),
             (Field::IngestedAt, self.ingested_at),
+            (Field::ReceivedAt, self.received_at),
         ] {
             if !value.is_finite() {
                 return Err(Rejection::OutOfRange(field));
             }
         }
-        if !(0.0..=MAX_INGESTED_AT).contains(&self.ingested_at) {
-            return Err(Rejection::OutOfRange(Field::IngestedAt));
+        for (field, value) in [
+            (Field::IngestedAt, self.ingested_at),
+            (Field::ReceivedAt, self.received_at),
+        ] {
+            if !(0.0..=MAX_INGESTED_AT).contains(&value) {
+                return Err(Rejection::OutOfRange(field));
+            }
         }
         Ok(())
     }
@@ -62,6 +68,8 @@ pub enum Field {
     Temperature,
     Humidity,
     IngestedAt,
+    /// Only in spill files: datagrams get it from the clock.
+    ReceivedAt,
 }
 
 impl Field {
@@ -71,6 +79,7 @@ impl Field {
             Field::Temperature => "temperature",
             Field::Humidity => "humidity",
             Field::IngestedAt => "ingested_at",
+            Field::ReceivedAt => "received_at",
         }
     }
 }
@@ -131,9 +140,10 @@ impl fmt::Display for Rejection {
             Rejection::OutOfRange(Field::SensorId) => {
                 f.write_str("`sensor_id` out of range (must fit in i64)")
             }
-            Rejection::OutOfRange(Field::IngestedAt) => write!(
+            Rejection::OutOfRange(field @ (Field::IngestedAt | Field::ReceivedAt)) => write!(
                 f,
-                "`ingested_at` out of range (must be 0 to {MAX_INGESTED_AT} unix seconds)"
+                "`{}` out of range (must be 0 to {MAX_INGESTED_AT} unix seconds)",
+                field.name()
             ),
             Rejection::OutOfRange(field) => {
                 write!(f, "`{}` out of range (must be finite)", field.name())
@@ -389,7 +399,8 @@ impl RawReading {
                 Key::Known(Field::Temperature) => &mut raw.temperature,
                 Key::Known(Field::Humidity) => &mut raw.humidity,
                 Key::Known(Field::IngestedAt) => &mut raw.ingested_at,
-                Key::Unknown => {
+                // A datagram's `received_at` is the clock's, never its own.
+                Key::Known(Field::ReceivedAt) | Key::Unknown => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
                 }

@@ -27,6 +27,9 @@ const POLL: Duration = Duration::from_millis(100);
 /// The longest an idle receiver waits: a safety net only, as datagrams and
 /// stop requests wake it.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// The longest a stop spends reading what the socket holds. Past it, the
+/// rest is read without parsing and counted as unread.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
 
 /// Binds `addr` and asks the kernel for a `recv_buffer`-byte receive buffer,
 /// logging what it granted.
@@ -116,6 +119,46 @@ fn kernel_drops_linux(socket: &UdpSocket) -> Option<u64> {
         }
     }
     None
+}
+
+/// Attaches a classic BPF filter that accepts nothing: the kernel then
+/// drops every datagram that arrives for the socket, counting it in the
+/// socket's drop counter, and leaves what is already queued readable.
+#[cfg(target_os = "linux")]
+fn refuse_new_datagrams(socket: &UdpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // `ret #0`: keep zero bytes of the packet, which drops it.
+    let mut program = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: the fd is open for the call's duration; `fprog` points to a
+    // live one-instruction program, which the kernel copies.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn refuse_new_datagrams(_socket: &UdpSocket) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -218,6 +261,17 @@ impl RateLimit {
     }
 }
 
+/// How the receiver sizes its work, and whom it takes datagrams from.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Readings per chunk handed to the persister.
+    pub chunk_size: usize,
+    /// The most readings a stop's drain keeps.
+    pub drain_limit: usize,
+    /// Sources allowed to send; empty means everyone.
+    pub allow: Vec<Cidr>,
+}
+
 /// The receive loop's state; `run` consumes it on the `receiver` thread.
 pub struct Receiver {
     socket: UdpSocket,
@@ -229,6 +283,9 @@ pub struct Receiver {
     /// A chunk is sent once it holds this many readings, or when the socket
     /// has nothing more to read.
     chunk_size: usize,
+    /// The most readings a stop's drain keeps (`--queue-capacity`), so
+    /// memory stays within the README's bound through a stop.
+    drain_limit: usize,
     /// Sources allowed to send; empty means everyone.
     allow: Vec<Cidr>,
     ledger: Arc<Ledger>,
@@ -244,8 +301,7 @@ impl Receiver {
         socket: UdpSocket,
         tx: Sender<Vec<Reading>>,
         persister: Thread,
-        chunk_size: usize,
-        allow: Vec<Cidr>,
+        settings: Settings,
         ledger: Arc<Ledger>,
         shutdown: Shutdown,
     ) -> Self {
@@ -253,8 +309,9 @@ impl Receiver {
             socket,
             tx,
             persister,
-            chunk_size: chunk_size.max(1),
-            allow,
+            chunk_size: settings.chunk_size.max(1),
+            drain_limit: settings.drain_limit.max(1),
+            allow: settings.allow,
             ledger,
             shutdown,
             rejection_logs: [const { RateLimit::new() }; Rejection::KINDS],
@@ -263,9 +320,9 @@ impl Receiver {
         }
     }
 
-    /// Receives until shutdown, then reads what the kernel still holds for
-    /// the socket. Returns the readings it could not hand to the persister
-    /// (the tail), for the final flush.
+    /// Receives until shutdown, then reads what the kernel held for the
+    /// socket when the stop came (see `drain`). Returns the readings it
+    /// could not hand to the persister (the tail), for the final flush.
     pub fn run(mut self) -> Result<Vec<Reading>, Error> {
         // Reads never block: `wait_readable` does the waiting.
         self.socket
@@ -315,10 +372,64 @@ impl Receiver {
                 break;
             }
         }
-        // Stopping: what the kernel already holds was received, so keep it.
-        let drained = self.read_waiting(&mut datagrams, &mut chunk, &mut rejections, usize::MAX);
-        info!("stopped receiving; read {drained} datagrams still queued in the socket");
+        self.drain(&mut datagrams, &mut chunk, &mut rejections);
         Ok(chunk)
+    }
+
+    /// Stopping: what the kernel already holds was received, so it is kept,
+    /// but only that. A socket filter that accepts nothing is attached
+    /// first: from then on the kernel turns datagrams away and counts them
+    /// as drops on the socket, which the shutdown line reports as `unread`,
+    /// so a flood during the stop can neither prolong it nor grow memory.
+    /// The drain keeps at most `drain_limit` readings and runs at most
+    /// `DRAIN_TIME`; what the socket still holds then is read without
+    /// parsing and counted as unread.
+    fn drain(
+        &mut self,
+        datagrams: &mut Datagrams,
+        chunk: &mut Vec<Reading>,
+        rejections: &mut Vec<Rejection>,
+    ) {
+        match refuse_new_datagrams(&self.socket) {
+            // Plus one: zero means "not stopping".
+            Ok(()) => self.ledger.drops_at_stop.store(
+                kernel_drops(&self.socket) + 1,
+                std::sync::atomic::Ordering::Relaxed,
+            ),
+            Err(e) => warn!(
+                "cannot attach a socket filter ({}); the drain is bounded by time and count only",
+                error::io_cause(&e)
+            ),
+        }
+        let deadline = Instant::now() + DRAIN_TIME;
+        let limit = chunk.len().max(self.drain_limit);
+        let mut drained = 0;
+        while chunk.len() < limit && Instant::now() < deadline {
+            let before = drained;
+            drained += self.read_waiting(datagrams, chunk, rejections, limit);
+            if drained == before && datagrams.pending() == 0 {
+                break;
+            }
+        }
+        // The rest, up to a bound: the filter stops new arrivals, and without
+        // it (no filter) the deadline does.
+        let deadline = Instant::now() + DRAIN_TIME;
+        let mut discarded = datagrams.discard_pending();
+        while Instant::now() < deadline {
+            match datagrams.recv(&self.socket) {
+                Ok(_) => discarded += datagrams.discard_pending(),
+                Err(_) => break,
+            }
+        }
+        Ledger::add(&self.ledger.discarded, discarded);
+        if discarded > 0 {
+            warn!(
+                "stopped receiving; read {drained} datagrams still queued in the socket, and \
+                 left {discarded} unread (the drain keeps at most --queue-capacity readings)"
+            );
+        } else {
+            info!("stopped receiving; read {drained} datagrams still queued in the socket");
+        }
     }
 
     /// Handles the datagrams already received, then reads those the socket

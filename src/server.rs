@@ -3,18 +3,17 @@
 //! shutdown guard when asked to stop.
 
 use std::net::UdpSocket;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{error, info};
 
 use crate::error::Error;
 use crate::ledger::{Counts, Ledger};
-use crate::persister::{BatchConfig, FlushReport, Persister, Shared, ShutdownGuard};
+use crate::persister::{BatchConfig, Persister, Shared};
 use crate::receiver::{self, Cidr, Receiver};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{FlushReport, Shutdown, ShutdownGuard, Worker};
+use crate::spill::Spill;
 use crate::store::Store;
 
 /// The most readings in one chunk handed from receiver to persister.
@@ -30,8 +29,8 @@ pub struct Config {
     pub stats_interval: Duration,
     /// Sources allowed to send; empty allows all.
     pub allow: Vec<Cidr>,
-    /// Where the final flush writes what it cannot commit.
-    pub spill_path: PathBuf,
+    /// How long the database may make a stop wait, beyond a few seconds.
+    pub busy_timeout: Duration,
 }
 
 /// What a run did, for the shutdown line and the exit code.
@@ -46,17 +45,28 @@ impl Outcome {
     pub fn shutdown_line(&self) -> String {
         let c = &self.counts;
         format!(
-            "shutdown complete: received={} accepted={} rejected={} persisted={} \
-             flushed_at_shutdown={} denied={} kernel_drops={} spilled={}",
+            "shutdown complete: received={} accepted={} rejected={}{} persisted={} \
+             flushed_at_shutdown={} spilled={} dead_letter={} lost={} denied={} \
+             kernel_drops={} unread={}",
             c.received,
             c.accepted,
             c.rejected,
+            c.reasons(),
             c.persisted,
             c.flushed_at_shutdown,
+            c.spilled,
+            c.dead_letter,
+            c.lost,
             c.denied,
             c.kernel_drops,
-            c.spilled
+            c.unread
         )
+    }
+
+    /// True when everything received is in the database, or refused by it
+    /// for good and in the dead-letter file.
+    pub fn clean(&self) -> bool {
+        self.flush.clean() && self.counts.lost == 0
     }
 }
 
@@ -66,6 +76,7 @@ impl Outcome {
 pub fn run(
     socket: UdpSocket,
     store: Box<dyn Store>,
+    spill: Spill,
     config: Config,
     shutdown: Shutdown,
 ) -> Result<Outcome, Error> {
@@ -80,21 +91,29 @@ pub fn run(
         what: "read the bound address",
         source,
     })?;
-    let shared = Arc::new(Shared::new(store, Arc::clone(&ledger), shutdown.clone()));
+    let shared = Arc::new(Shared::new(
+        store,
+        Arc::clone(&ledger),
+        shutdown.clone(),
+        spill,
+    ));
     let persister = Persister::new(rx.clone(), Arc::clone(&shared), config.batch.clone());
-    let mut guard = ShutdownGuard::new(rx, shared, config.spill_path.clone());
-    let persister = spawn("persister", move || persister.run())?;
+    let mut guard = ShutdownGuard::new(rx, shared, config.busy_timeout);
+    let persister = Worker::spawn("persister", move || persister.run())?;
     let receiver = Receiver::new(
         socket,
         tx,
-        persister.thread().clone(),
-        chunk,
-        config.allow.clone(),
+        persister.handle.thread().clone(),
+        receiver::Settings {
+            chunk_size: chunk,
+            drain_limit: config.queue_capacity,
+            allow: config.allow.clone(),
+        },
         Arc::clone(&ledger),
         shutdown.clone(),
     );
     guard.persister = Some(persister);
-    guard.receiver = Some(spawn("receiver", move || receiver.run())?);
+    guard.receiver = Some(Worker::spawn("receiver", move || receiver.run())?);
 
     if config.allow.is_empty() {
         info!("accepting datagrams from any source (use --allow CIDR to restrict)");
@@ -116,9 +135,8 @@ pub fn run(
         if shutdown.wait(wait) {
             break;
         }
-        let finished = |h: Option<bool>| h.unwrap_or(false);
-        if finished(guard.persister.as_ref().map(|h| h.is_finished()))
-            || finished(guard.receiver.as_ref().map(|h| h.is_finished()))
+        if guard.persister.as_ref().is_some_and(Worker::finished)
+            || guard.receiver.as_ref().is_some_and(Worker::finished)
         {
             error!("a worker thread stopped unexpectedly; shutting down");
             break;
@@ -131,18 +149,8 @@ pub fn run(
             );
         }
     }
-    info!("stopping: draining the socket and flushing what is queued");
+    info!("stopping: reading what the socket holds, then flushing what is queued");
     let flush = guard.finish();
     let counts = ledger.snapshot(receiver::kernel_drops(&counter_socket));
     Ok(Outcome { counts, flush })
-}
-
-fn spawn<T: Send + 'static>(
-    name: &'static str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<thread::JoinHandle<T>, Error> {
-    thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map_err(|source| Error::Thread { name, source })
 }

@@ -1,5 +1,10 @@
-//! The shutdown trigger shared by every thread: a count of stop requests,
-//! and a wake-up that blocked threads wait on.
+//! The whole shutdown path: the trigger shared by every thread (a count of
+//! stop requests, and a wake-up that blocked threads wait on), and in
+//! `guard` the `ShutdownGuard` whose drop is the final flush.
+
+pub mod guard;
+
+pub use guard::{FlushReport, ShutdownGuard, Worker};
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
