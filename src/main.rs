@@ -147,8 +147,10 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
     let spill_path = args
         .spill
         .unwrap_or_else(|| spill::default_path(&args.db, &args.table));
-    // Claimed and bound before the database is touched: a second instance
-    // or a port in use fails without creating anything.
+    // Checked, claimed and bound before the database is touched: a missing
+    // folder, a second instance or a port in use fails without creating
+    // anything.
+    store::check_folder(&args.db)?;
     let spill = Spill::claim(&spill_path)?;
     let socket = receiver::bind(&args.bind, args.recv_buffer)?;
     let options = store::Options {

@@ -371,12 +371,17 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 
 fn parse(path: &Path, bytes: &[u8], skip_bad_lines: bool) -> Result<Vec<SpillBatch>, Error> {
     let mut batches: Vec<SpillBatch> = Vec::new();
+    // Readings the last header announced that have not come yet: once
+    // they all came, later readings without a header form a batch of
+    // their own, without an id.
+    let mut announced = 0usize;
     let mut skipped = 0usize;
     // Every line ends with a newline; an empty file has no lines at all.
     let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
     let lines = body.split(|b| *b == b'\n').filter(|_| !bytes.is_empty());
     for (index, line) in lines.enumerate() {
         if let Ok(header) = serde_json::from_slice::<Header>(line) {
+            announced = header.readings;
             batches.push(SpillBatch {
                 id: Some(BatchId {
                     run: header.batch_run,
@@ -391,8 +396,11 @@ fn parse(path: &Path, bytes: &[u8], skip_bad_lines: bool) -> Result<Vec<SpillBat
             .and_then(|r| r.check().map(|()| r).map_err(|e| e.to_string()));
         match parsed {
             Ok(reading) => match batches.last_mut() {
-                Some(batch) => batch.readings.push(reading),
-                None => batches.push(SpillBatch {
+                Some(batch) if announced > 0 || batch.id.is_none() => {
+                    announced = announced.saturating_sub(1);
+                    batch.readings.push(reading);
+                }
+                _ => batches.push(SpillBatch {
                     id: None,
                     readings: vec![reading],
                 }),

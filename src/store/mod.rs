@@ -198,6 +198,26 @@ pub fn open(db: &str, options: &Options) -> Result<Box<dyn Store>, Error> {
     Ok(Box::new(sqlite::SqliteStore::open(db, options)?))
 }
 
+/// Fails, naming it, if the folder a SQLite file `db` would be created in
+/// does not exist (SQLite only says "unable to open database file").
+pub fn check_folder(db: &str) -> Result<(), Error> {
+    if is_url(db) {
+        return Ok(());
+    }
+    let folder = match std::path::Path::new(db).parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => return Ok(()),
+    };
+    if folder.is_dir() {
+        Ok(())
+    } else {
+        Err(Error::Open {
+            db: db.to_string(),
+            cause: format!("folder {} does not exist", folder.display()),
+        })
+    }
+}
+
 /// Opens the store `db` names for reading only; it must exist.
 pub fn open_existing(db: &str, table: &str) -> Result<Box<dyn Store>, Error> {
     if is_url(db) {

@@ -374,10 +374,12 @@ fn pg_two_servers_share_one_database() {
     let Some(cluster) = shared() else { return };
     let url = cluster.database("shared");
     let scratch = Scratch::new();
+    // One folder, one table: each instance needs a spill path of its own.
     let starts: Vec<_> = (0..2)
-        .map(|_| {
+        .map(|i| {
             let (dir, url) = (scratch.path().to_path_buf(), url.clone());
-            thread::spawn(move || Server::start(&dir, &["--db", &url]))
+            let spill = format!("instance{i}.spill.jsonl");
+            thread::spawn(move || Server::start(&dir, &["--db", &url, "--spill", &spill]))
         })
         .collect();
     let mut servers: Vec<Server> = starts.into_iter().map(|h| h.join().unwrap()).collect();
@@ -479,9 +481,8 @@ fn pg_down_at_shutdown_spills_then_replays() {
     let status = server.stop_with(libc::SIGTERM, EXIT);
     assert_eq!(status.code(), Some(1), "log:\n{}", server.log_text());
     assert_eq!(server.shutdown_counts()["spilled"], 500);
-    let spill = scratch.path().join("sensord.spill.jsonl");
-    let lines = std::fs::read_to_string(&spill).unwrap().lines().count();
-    assert_eq!(lines, 500);
+    let spill = only_spill_file(scratch.path());
+    assert_eq!(spill_readings(&spill), 500);
 
     cluster.local().start();
     let mut server = Server::start(scratch.path(), &["--db", &url]);
@@ -636,4 +637,20 @@ fn pg_commit_with_lost_answer_is_not_written_twice() {
     server.wait_for_line("committed by an earlier attempt", Duration::from_secs(20));
     assert_eq!(server.stop_clean()["persisted"], 500);
     assert_eq!(rows_and_distinct(&url), (500, 500));
+}
+
+/// The one spill file (`*.spill.jsonl`) in `dir`.
+fn only_spill_file(dir: &Path) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".spill.jsonl"))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "spill files in {}: {found:?}",
+        dir.display()
+    );
+    found.into_iter().next().unwrap()
 }

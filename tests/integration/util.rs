@@ -365,3 +365,14 @@ pub fn precise_readings(n: usize) -> Vec<Sent> {
         })
         .collect()
 }
+
+/// Readings in a spill file: its lines less the batch headers.
+pub fn spill_readings(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .map(|t| {
+            t.lines()
+                .filter(|l| !l.starts_with("{\"batch_run\""))
+                .count() as u64
+        })
+        .unwrap_or(0)
+}
