@@ -11,6 +11,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
+use ipnet::{IpNet, Ipv4Net};
 use log::{debug, info, warn};
 
 use crate::datagrams::Datagrams;
@@ -166,67 +167,51 @@ fn kernel_drops_linux(_socket: &UdpSocket) -> Option<u64> {
     None
 }
 
-/// One `--allow` entry: an address and prefix length.
+/// One `--allow` entry: a network, IPv4 where it names IPv4 addresses
+/// (`::ffff:10.0.0.0/104` is `10.0.0.0/8`), as sources are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                prefix_eq(&net.octets(), &ip.octets(), self.prefix)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                prefix_eq(&net.octets(), &ip.octets(), self.prefix)
-            }
-            _ => false,
-        }
+        self.0.contains(&ipv4_if_mapped(ip))
     }
 }
 
-fn prefix_eq(a: &[u8], b: &[u8], prefix: u8) -> bool {
-    let (bytes, bits) = (usize::from(prefix / 8), prefix % 8);
-    if a[..bytes] != b[..bytes] {
-        return false;
+/// A dual-stack socket reports IPv4 peers as `::ffff:a.b.c.d`.
+fn ipv4_if_mapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
-    bits == 0 || (a[bytes] ^ b[bytes]) >> (8 - bits) == 0
 }
 
 impl FromStr for Cidr {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let (addr, prefix) = match text.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (text, None),
+        let net: IpNet = match text.parse() {
+            Ok(net) => net,
+            Err(_) => text.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+                format!("`{text}` is not an address or network like 10.0.0.0/8 or fd00::/8")
+            })?,
         };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{addr}` is not an IPv4 or IPv6 address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("prefix length `{p}` must be 0 to {max}"))?,
+        let net = match net {
+            IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+                Some(v4) => IpNet::V4(
+                    Ipv4Net::new(v4, v6.prefix_len() - 96).expect("a prefix of 96..=128, less 96"),
+                ),
+                None => net,
+            },
+            other => other,
         };
-        Ok(Cidr { addr, prefix })
+        Ok(Cidr(net.trunc()))
     }
 }
 
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        self.0.fmt(f)
     }
 }
 
@@ -595,6 +580,12 @@ mod tests {
                 .contains("8.8.8.8".parse().unwrap())
         );
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        let mapped: Cidr = "::ffff:127.0.0.1/128".parse().unwrap();
+        assert!(mapped.contains("127.0.0.1".parse().unwrap()));
+        assert!(mapped.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert_eq!(mapped.to_string(), "127.0.0.1/32");
+        let mapped: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(mapped.contains("10.200.0.1".parse().unwrap()));
         assert!("nonsense/8".parse::<Cidr>().is_err());
     }
 }

@@ -163,6 +163,11 @@ impl Spill {
         };
         let temp = with_suffix(&self.path, &format!(".tmp.{}", std::process::id()));
         let result = (|| -> io::Result<()> {
+            // Tests fill the disk here.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("spill::write", |_| Err(io::Error::from_raw_os_error(
+                libc::ENOSPC
+            )));
             let _ = fs::remove_file(&temp);
             let file = new_file_options()
                 .write(true)
@@ -176,6 +181,9 @@ impl Spill {
             write_batches(&mut out, batches)?;
             let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
             file.sync_all()?;
+            // Tests kill the process here.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("spill::before_rename");
             fs::rename(&temp, &self.path)?;
             sync_parent(&self.path)
         })();
@@ -237,6 +245,13 @@ impl Spill {
         }
         let key = format!("{:016x}-{}", fnv1a(&bytes), bytes.len());
         let total: usize = batches.iter().map(|b| b.readings.len()).sum();
+        info!(
+            "importing {total} readings from spill file {}",
+            self.path.display()
+        );
+        // Tests stop the process here.
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("spill::before_import");
         let outcome = store.import_spill(&key, &batches)?;
         let replayed = match outcome {
             Some(refused) => {

@@ -3,6 +3,7 @@
 //! does, so the binary is built once.
 
 mod faults;
+mod hardening;
 mod postgres;
 mod serve;
 mod util;
