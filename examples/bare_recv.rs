@@ -27,10 +27,11 @@ fn main() {
         args.get(4)
             .map_or(2.0, |a| a.parse().expect("IDLE_SECS must be a number")),
     );
-    let socket = sensord::receiver::bind(&args[1], recv_buffer).unwrap_or_else(|e| {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    });
+    let socket = sensord::receiver::bind(args[1].parse().expect("an IP:PORT address"), recv_buffer)
+        .unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        });
     // A bound socket always has a local address.
     println!("listening on {}", socket.local_addr().unwrap());
     // The bench script waits for that line in a file; push it out now.

@@ -115,10 +115,16 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<u64, Error> {
             pace(next, shutdown);
         }
     }
-    if failed > 0 {
-        warn!("{failed} sends were refused");
-    }
     info!("sent {sent} readings");
+    if failed > 0 {
+        // The kernel reports a refusal on the send after the one refused,
+        // so some "sent" readings were refused too.
+        return Err(Error::Config(format!(
+            "{} refused {failed} datagrams: nothing is listening there (is `sensord serve` \
+             running, on that port?)",
+            config.to
+        )));
+    }
     Ok(sent)
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use log::{error, info, warn};
 
 use sensord::client::{self, SendConfig, SensorIds};
@@ -25,6 +25,23 @@ struct Cli {
     command: Command,
 }
 
+impl Cli {
+    /// A combination of flags clap cannot check alone.
+    fn misuse(&self) -> Option<String> {
+        let (db, table) = match &self.command {
+            Command::Serve(args) => (&args.db, &args.table),
+            Command::Stats(args) => (&args.db, &args.table),
+            Command::Send(_) => return None,
+        };
+        (!store::is_url(db) && table != store::DEFAULT_TABLE).then(|| {
+            format!(
+                "--table applies to PostgreSQL only; a SQLite file always uses {}",
+                store::DEFAULT_TABLE
+            )
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon in the foreground until SIGINT or SIGTERM.
@@ -38,8 +55,8 @@ enum Command {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Address to receive datagrams on.
-    #[arg(long, default_value = "0.0.0.0:12345")]
-    bind: String,
+    #[arg(long, default_value = "0.0.0.0:12345", value_name = "IP:PORT", value_parser = socket_addr)]
+    bind: SocketAddr,
     /// SQLite file (created if missing), or a PostgreSQL URL
     /// (postgres://user@host:port/dbname).
     #[arg(long, default_value = "sensors.db")]
@@ -48,7 +65,7 @@ struct ServeArgs {
     #[arg(long, default_value = store::DEFAULT_TABLE, value_parser = store::table_name)]
     table: String,
     /// The most readings in one transaction.
-    #[arg(long, default_value_t = 250_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 250_000, value_parser = at_least_one)]
     batch_size: u64,
     /// How long a batch gathers readings before it commits, from when the
     /// persister takes its first (at once when idle, after the commit in
@@ -56,7 +73,7 @@ struct ServeArgs {
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     flush_interval: Duration,
     /// The most readings held in memory between receiver and persister.
-    #[arg(long, default_value_t = 250_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 250_000, value_parser = at_least_one)]
     queue_capacity: u64,
     /// Socket receive buffer (SO_RCVBUF) to ask for, in bytes. Large, so
     /// bursts wait in the kernel instead of being dropped; it costs memory
@@ -85,6 +102,7 @@ struct ServeArgs {
 struct SendArgs {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:12345")]
+    #[arg(value_name = "HOST:PORT", value_parser = socket_addr)]
     to: SocketAddr,
     /// Pause between readings; 0 sends as fast as possible.
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
@@ -113,6 +131,31 @@ struct StatsArgs {
     json: bool,
 }
 
+/// `HOST:PORT` or `IP:PORT`, resolved now (the first address a name
+/// resolves to).
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let form = "an address like 127.0.0.1:12345, [::1]:12345 or localhost:12345";
+    if !text.contains(':') {
+        return Err(format!("`{text}` is not an address with a port; expected {form}"));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("`{text}` resolves to no address")),
+        Err(e) => Err(format!("`{text}` is not {form} ({e})")),
+    }
+}
+
+/// A count of one or more.
+fn at_least_one(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a whole number")),
+    }
+}
+
 /// The longest duration any flag takes: far beyond any use, and small
 /// enough that adding it to a clock reading can never overflow.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
@@ -131,6 +174,11 @@ fn main() -> ExitCode {
     // Test builds read injected failures from the FAILPOINTS variable.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
+    if let Some(message) = cli.misuse() {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, message)
+            .exit();
+    }
     let result = match cli.command {
         Command::Serve(args) => register_signals().and_then(|shutdown| serve(args, shutdown)),
         Command::Send(args) => register_signals().and_then(|shutdown| send(args, &shutdown)),
@@ -152,7 +200,7 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
     // anything.
     store::check_folder(&args.db)?;
     let spill = Spill::claim(&spill_path)?;
-    let socket = receiver::bind(&args.bind, args.recv_buffer)?;
+    let socket = receiver::bind(args.bind, args.recv_buffer)?;
     let options = store::Options {
         busy_timeout: args.busy_timeout,
         table: args.table,

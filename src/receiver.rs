@@ -34,7 +34,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(2);
 
 /// Binds `addr` and asks the kernel for a `recv_buffer`-byte receive buffer,
 /// logging what it granted.
-pub fn bind(addr: &str, recv_buffer: usize) -> Result<UdpSocket, Error> {
+pub fn bind(addr: SocketAddr, recv_buffer: usize) -> Result<UdpSocket, Error> {
     let socket = UdpSocket::bind(addr).map_err(|source| Error::Bind {
         addr: addr.to_string(),
         source,

@@ -223,6 +223,12 @@ pub fn open_existing(db: &str, table: &str) -> Result<Box<dyn Store>, Error> {
     if is_url(db) {
         return Ok(Box::new(postgres::PostgresStore::open_existing(db, table)?));
     }
+    if std::path::Path::new(db).is_dir() {
+        return Err(Error::Open {
+            db: db.to_string(),
+            cause: "is a folder, not a database file".into(),
+        });
+    }
     sqlite_table(table)?;
     Ok(Box::new(sqlite::SqliteStore::open_existing(db)?))
 }
