@@ -137,7 +137,9 @@ fn socket_addr(text: &str) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs;
     let form = "an address like 127.0.0.1:12345, [::1]:12345 or localhost:12345";
     if !text.contains(':') {
-        return Err(format!("`{text}` is not an address with a port; expected {form}"));
+        return Err(format!(
+            "`{text}` is not an address with a port; expected {form}"
+        ));
     }
     match text.to_socket_addrs() {
         Ok(mut addrs) => addrs

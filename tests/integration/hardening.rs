@@ -351,3 +351,51 @@ fn peak_rss(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// `stats` against a server that accepts TCP and never answers stops on
+/// the first Ctrl-C, at once.
+#[test]
+fn stats_stops_on_the_first_ctrl_c() {
+    let scratch = Scratch::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "postgres://nobody@127.0.0.1:{}/x",
+        listener.local_addr().unwrap().port()
+    );
+    // Accepts, and holds every connection open without a word.
+    let holder = thread::spawn(move || {
+        let mut held = Vec::new();
+        listener.set_nonblocking(true).unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until && held.len() < 10 {
+            if let Ok((stream, _)) = listener.accept() {
+                held.push(stream);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let mut child = std::process::Command::new(bin())
+        .args(["stats", "--db", &url])
+        .current_dir(scratch.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "stats is still connecting"
+    );
+    signal(child.id(), libc::SIGINT);
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(stopped.elapsed() < EXIT, "stats ignored SIGINT");
+        thread::sleep(Duration::from_millis(10));
+    };
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(2), "stats took {took:?} to stop");
+    assert!(!status.success());
+    drop(holder);
+}
