@@ -19,8 +19,6 @@ pub struct Ledger {
     pub rejected: AtomicU64,
     /// Rejections by reason, indexed by `Rejection::index`.
     pub rejected_by_reason: [AtomicU64; Rejection::KINDS],
-    /// Readings sitting in the channel between receiver and persister.
-    pub queued: AtomicU64,
     /// Readings committed this run, final flush included.
     pub persisted: AtomicU64,
     /// Readings committed by the final flush at shutdown.
@@ -48,6 +46,7 @@ pub struct Counts {
     pub denied: u64,
     pub accepted: u64,
     pub rejected: u64,
+    /// Accepted readings in memory, not yet stored or set aside.
     pub queued: u64,
     pub persisted: u64,
     pub flushed_at_shutdown: u64,
@@ -92,7 +91,7 @@ impl Ledger {
             denied: get(&self.denied),
             accepted: get(&self.accepted),
             rejected: get(&self.rejected),
-            queued: get(&self.queued),
+            queued: 0,
             persisted: get(&self.persisted),
             flushed_at_shutdown: get(&self.flushed_at_shutdown),
             spilled: get(&self.spilled),
@@ -102,10 +101,20 @@ impl Ledger {
             unread: unread + get(&self.discarded),
             rejected_by_reason: self.rejected_by_reason.each_ref().map(get),
         }
+        .with_queued()
     }
 }
 
 impl Counts {
+    /// Sets `queued`: accepted readings not yet stored or set aside, in
+    /// the receiver's chunk, the channel, the batch being gathered or the
+    /// commit in progress. Derived, so the stats line always sums.
+    fn with_queued(mut self) -> Self {
+        let done = self.persisted + self.spilled + self.dead_letter + self.lost;
+        self.queued = self.accepted.saturating_sub(done);
+        self
+    }
+
     /// Rejections by reason, `(not_json=3 missing_field=1)`, or nothing.
     pub fn reasons(&self) -> String {
         let parts: Vec<String> = self

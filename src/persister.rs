@@ -244,7 +244,6 @@ impl Persister {
             *oldest = Some(Instant::now());
         }
         for mut chunk in chunks {
-            Ledger::sub(&self.shared.ledger.queued, chunk.len() as u64);
             held.readings.append(&mut chunk);
         }
         held.readings.len()

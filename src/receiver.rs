@@ -336,7 +336,6 @@ impl Receiver {
                 // chunks grow, so --queue-capacity counts readings, not the
                 // datagrams of a trickle; a full chunk waits for room below.
                 let sent = chunk.len();
-                Ledger::add(&self.ledger.queued, sent as u64);
                 match self.tx.try_send(std::mem::take(&mut chunk)) {
                     // The next is likely as small: a trickle's chunks of one
                     // reading each would otherwise each allocate a full
@@ -344,7 +343,6 @@ impl Receiver {
                     // kernel when the persister frees it, and faults in again.
                     Ok(()) => chunk = Vec::with_capacity(sent),
                     Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
-                        Ledger::sub(&self.ledger.queued, back.len() as u64);
                         chunk = back;
                     }
                 }
@@ -467,10 +465,7 @@ impl Receiver {
 
     /// Sends a chunk to the persister, waiting while the channel is full.
     /// Gives the chunk back if shutdown is requested meanwhile.
-    fn hand_over(&self, chunk: Vec<Reading>) -> Option<Vec<Reading>> {
-        let len = chunk.len() as u64;
-        Ledger::add(&self.ledger.queued, len);
-        let mut chunk = chunk;
+    fn hand_over(&self, mut chunk: Vec<Reading>) -> Option<Vec<Reading>> {
         loop {
             self.wake_if_filling();
             match self.tx.send_timeout(chunk, POLL) {
@@ -480,7 +475,6 @@ impl Receiver {
                 }
                 Err(SendTimeoutError::Timeout(back)) if !self.shutdown.requested() => chunk = back,
                 Err(SendTimeoutError::Timeout(back) | SendTimeoutError::Disconnected(back)) => {
-                    Ledger::sub(&self.ledger.queued, len);
                     return Some(back);
                 }
             }

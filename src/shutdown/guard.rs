@@ -191,7 +191,6 @@ impl ShutdownGuard {
         };
         // The receiver has stopped, so nothing more arrives; empty the channel.
         for chunk in self.rx.try_iter() {
-            Ledger::sub(&self.shared.ledger.queued, chunk.len() as u64);
             uncommitted.rest.extend(chunk);
         }
         uncommitted.rest.append(&mut tail);
