@@ -78,6 +78,10 @@ struct ServeArgs {
     /// Accept datagrams only from this network (repeatable), e.g. 10.0.0.0/8.
     #[arg(long, value_name = "CIDR")]
     allow: Vec<Cidr>,
+    /// PostgreSQL password file (first line), used when neither the URL nor
+    /// PGPASSWORD gives a password.
+    #[arg(long, value_name = "PATH")]
+    db_password_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -110,6 +114,10 @@ struct StatsArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// PostgreSQL password file (first line), used when neither the URL nor
+    /// PGPASSWORD gives a password.
+    #[arg(long, value_name = "PATH")]
+    db_password_file: Option<PathBuf>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -148,6 +156,7 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
             busy_timeout: args.busy_timeout,
             table: args.table,
             stop: Some(shutdown.clone()),
+            password_file: args.db_password_file,
         },
     )?;
     spill::replay(&spill_path, store.as_mut(), args.skip_bad_spill_lines)?;
@@ -185,7 +194,13 @@ fn send(args: SendArgs, shutdown: &Shutdown) -> Result<ExitCode, Error> {
 }
 
 fn show_stats(args: &StatsArgs) -> Result<ExitCode, Error> {
-    let summary = store::open_existing(&args.db, &args.table)?.summary()?;
+    let options = store::Options {
+        busy_timeout: Duration::from_secs(5),
+        table: args.table.clone(),
+        stop: None,
+        password_file: args.db_password_file.clone(),
+    };
+    let summary = store::open_existing(&args.db, &options)?.summary()?;
     let mut out = std::io::stdout().lock();
     let written = if args.json {
         stats::write_json(&summary, &mut out)

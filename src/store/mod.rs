@@ -199,11 +199,13 @@ pub fn open(db: &str, options: &Options) -> Result<Box<dyn Store>, Error> {
 }
 
 /// Opens the store `db` names for reading only; it must exist.
-pub fn open_existing(db: &str, table: &str) -> Result<Box<dyn Store>, Error> {
+pub fn open_existing(db: &str, options: &Options) -> Result<Box<dyn Store>, Error> {
     if is_url(db) {
-        return Ok(Box::new(postgres::PostgresStore::open_existing(db, table)?));
+        return Ok(Box::new(postgres::PostgresStore::open_existing(
+            db, options,
+        )?));
     }
-    sqlite_table(table)?;
+    sqlite_table(&options.table)?;
     Ok(Box::new(sqlite::SqliteStore::open_existing(db)?))
 }
 
@@ -246,6 +248,9 @@ pub struct Options {
     /// Stop requests during start-up: a connect or schema creation waiting
     /// on the database gives up when one comes.
     pub stop: Option<crate::shutdown::Shutdown>,
+    /// PostgreSQL: a file holding the password, used when neither the URL
+    /// nor `PGPASSWORD` gives one.
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 /// True if `db` names a PostgreSQL server rather than a SQLite file.
