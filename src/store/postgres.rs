@@ -558,13 +558,19 @@ impl PostgresStore {
     }
 
     /// The aggregates of `summary`, their averages computed in `numeric`
-    /// when `exact` (float8 sums overflow near the type's limits).
+    /// when `exact` (float8 sums overflow near the type's limits). The
+    /// values go to `numeric` through their text, which since PostgreSQL
+    /// 12 is the shortest exact form: a direct cast keeps 15 digits, and
+    /// f64::MAX would round up out of range on the way back.
     fn try_summary(&mut self, exact: bool) -> Result<Summary, postgres::Error> {
         let table = quoted(&self.table);
         let per_sensor = if exact {
             per_sensor_sql(&table)
-                .replace("AVG(temperature)", "AVG(temperature::numeric)::float8")
-                .replace("AVG(humidity)", "AVG(humidity::numeric)::float8")
+                .replace(
+                    "AVG(temperature)",
+                    "AVG(temperature::text::numeric)::float8",
+                )
+                .replace("AVG(humidity)", "AVG(humidity::text::numeric)::float8")
         } else {
             per_sensor_sql(&table)
         };
