@@ -241,7 +241,8 @@ pub fn table_name(name: &str) -> Result<String, String> {
 #[derive(Clone, Debug)]
 pub struct Options {
     /// How long a write waits for a lock held by another writer; for
-    /// PostgreSQL, how long a connection attempt may take.
+    /// PostgreSQL also how long a connection attempt (the whole handshake)
+    /// and a statement may take.
     pub busy_timeout: std::time::Duration,
     /// The measurements table (PostgreSQL; SQLite takes only the default).
     pub table: String,

@@ -921,7 +921,8 @@ fn pg_locked_table_at_stop_is_bounded_and_replayed() {
 }
 
 /// A server that accepts TCP and never answers: start-up fails within the
-/// busy timeout with one clear line.
+/// busy timeout with one clear line, and a SIGTERM while waiting for it
+/// ends start-up within about a second.
 #[test]
 fn pg_silent_server_fails_start_within_busy_timeout() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -930,7 +931,7 @@ fn pg_silent_server_fails_start_within_busy_timeout() {
     // Holds what it accepts, answering nothing, for at most 30 s.
     let holder = thread::spawn(move || {
         let (mut held, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(30));
-        while Instant::now() < deadline && held.is_empty() {
+        while Instant::now() < deadline && held.len() < 2 {
             match listener.accept() {
                 Ok((stream, _)) => held.push(stream),
                 Err(_) => thread::sleep(Duration::from_millis(10)),
@@ -941,7 +942,6 @@ fn pg_silent_server_fails_start_within_busy_timeout() {
     let scratch = Scratch::new();
     let url = format!("postgres://nobody@127.0.0.1:{port}/x");
     let (out, took) = serve_failing(&url, scratch.path(), &[]);
-    assert!(!holder.join().unwrap().is_empty(), "sensord connected");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(took < Duration::from_secs(6), "took {took:?}");
     assert_eq!(
@@ -949,6 +949,27 @@ fn pg_silent_server_fails_start_within_busy_timeout() {
         [format!(
             "error: cannot open database {url}: no connection within 2s \
              (the server did not complete the handshake)"
+        )]
+    );
+
+    let mut child = Command::new(bin())
+        .args(["serve", "--bind", "127.0.0.1:0", "--db", &url])
+        .args(["--busy-timeout", "30s"])
+        .current_dir(scratch.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(700));
+    signal(child.id(), libc::SIGTERM);
+    let took = wait_child(&mut child, Duration::from_secs(10));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(holder.join().unwrap().len(), 2, "both runs connected");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        error_lines(&out),
+        [format!(
+            "error: cannot open database {url}: interrupted by a stop request"
         )]
     );
 }
