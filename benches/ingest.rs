@@ -63,6 +63,7 @@ fn batch_insert(c: &mut Criterion) {
         busy_timeout: Duration::from_secs(5),
         table: "sensor_measurements".to_string(),
         stop: None,
+        password_file: None,
     };
     let mut store = SqliteStore::open(path.to_str().expect("temp paths are UTF-8"), &options)
         .expect("a new database opens");

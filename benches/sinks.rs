@@ -37,6 +37,7 @@ fn options(table: &str) -> Options {
         busy_timeout: Duration::from_secs(5),
         table: table.to_string(),
         stop: None,
+        password_file: None,
     }
 }
 

@@ -84,6 +84,7 @@ fn fill(db: &str, count: usize) {
         busy_timeout: std::time::Duration::from_secs(5),
         table: store::DEFAULT_TABLE.to_string(),
         stop: None,
+        password_file: None,
     };
     let mut store =
         SqliteStore::open(db, &options).unwrap_or_else(|e| fail(&format!("cannot open {db}: {e}")));

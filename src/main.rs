@@ -96,6 +96,10 @@ struct ServeArgs {
     /// Accept datagrams only from this network (repeatable), e.g. 10.0.0.0/8.
     #[arg(long, value_name = "CIDR")]
     allow: Vec<Cidr>,
+    /// PostgreSQL password file (first line), used when neither the URL nor
+    /// PGPASSWORD gives a password.
+    #[arg(long, value_name = "PATH")]
+    db_password_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -129,6 +133,10 @@ struct StatsArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// PostgreSQL password file (first line), used when neither the URL nor
+    /// PGPASSWORD gives a password.
+    #[arg(long, value_name = "PATH")]
+    db_password_file: Option<PathBuf>,
 }
 
 /// `HOST:PORT` or `IP:PORT`, resolved now (the first address a name
@@ -207,6 +215,7 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
         busy_timeout: args.busy_timeout,
         table: args.table,
         stop: Some(shutdown.clone()),
+        password_file: args.db_password_file,
     };
     let store = start_up(
         &args.db,
@@ -323,7 +332,13 @@ fn send(args: SendArgs, shutdown: &Shutdown) -> Result<ExitCode, Error> {
 }
 
 fn show_stats(args: &StatsArgs) -> Result<ExitCode, Error> {
-    let summary = store::open_existing(&args.db, &args.table)?.summary()?;
+    let options = store::Options {
+        busy_timeout: Duration::from_secs(5),
+        table: args.table.clone(),
+        stop: None,
+        password_file: args.db_password_file.clone(),
+    };
+    let summary = store::open_existing(&args.db, &options)?.summary()?;
     let mut out = std::io::stdout().lock();
     let written = if args.json {
         stats::write_json(&summary, &mut out)

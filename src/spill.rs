@@ -38,7 +38,7 @@ pub fn default_path(db: &str, table: &str) -> PathBuf {
     if !store::is_url(db) {
         return PathBuf::from(format!("{db}.spill.jsonl"));
     }
-    let config: Option<postgres::Config> = db.parse().ok();
+    let config = store::postgres::parsed(db);
     let host = config
         .as_ref()
         .and_then(|c| c.get_hosts().first().cloned())
@@ -571,6 +571,10 @@ mod tests {
         assert_eq!(
             default_path("postgres://ann:pw@db.example:6543/fleet", "t1"),
             PathBuf::from("sensord-db.example-6543-fleet-t1.spill.jsonl")
+        );
+        assert_eq!(
+            default_path("postgres://ann@db/fleet?sslmode=verify-full", "t1"),
+            PathBuf::from("sensord-db-5432-fleet-t1.spill.jsonl")
         );
     }
 }

@@ -219,9 +219,11 @@ pub fn check_folder(db: &str) -> Result<(), Error> {
 }
 
 /// Opens the store `db` names for reading only; it must exist.
-pub fn open_existing(db: &str, table: &str) -> Result<Box<dyn Store>, Error> {
+pub fn open_existing(db: &str, options: &Options) -> Result<Box<dyn Store>, Error> {
     if is_url(db) {
-        return Ok(Box::new(postgres::PostgresStore::open_existing(db, table)?));
+        return Ok(Box::new(postgres::PostgresStore::open_existing(
+            db, options,
+        )?));
     }
     if std::path::Path::new(db).is_dir() {
         return Err(Error::Open {
@@ -229,7 +231,7 @@ pub fn open_existing(db: &str, table: &str) -> Result<Box<dyn Store>, Error> {
             cause: "is a folder, not a database file".into(),
         });
     }
-    sqlite_table(table)?;
+    sqlite_table(&options.table)?;
     Ok(Box::new(sqlite::SqliteStore::open_existing(db)?))
 }
 
@@ -265,13 +267,17 @@ pub fn table_name(name: &str) -> Result<String, String> {
 #[derive(Clone, Debug)]
 pub struct Options {
     /// How long a write waits for a lock held by another writer; for
-    /// PostgreSQL, how long a connection attempt may take.
+    /// PostgreSQL also how long a connection attempt (the whole handshake)
+    /// and a statement may take.
     pub busy_timeout: std::time::Duration,
     /// The measurements table (PostgreSQL; SQLite takes only the default).
     pub table: String,
     /// Stop requests during start-up: a connect or schema creation waiting
     /// on the database gives up when one comes.
     pub stop: Option<crate::shutdown::Shutdown>,
+    /// PostgreSQL: a file holding the password, used when neither the URL
+    /// nor `PGPASSWORD` gives one.
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 /// True if `db` names a PostgreSQL server rather than a SQLite file.

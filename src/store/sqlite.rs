@@ -460,6 +460,7 @@ mod tests {
             busy_timeout: Duration::from_secs(5),
             table: super::super::DEFAULT_TABLE.to_string(),
             stop: None,
+            password_file: None,
         };
         let mut store = SqliteStore::open(path_str, &options).unwrap();
         let (batches, per_batch) = (4, 200_000);

@@ -8,7 +8,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,6 +23,65 @@ struct Cluster {
     base: String,
     /// Set for a throwaway cluster; an external server is never stopped.
     local: Option<LocalCluster>,
+    /// A throwaway cluster's TLS files; an external server has none.
+    tls: Option<TlsFiles>,
+    /// The port, for URLs the tests build themselves.
+    port: u16,
+}
+
+/// The certificates of a throwaway cluster, which runs with `ssl=on` (and
+/// still takes plain connections): a CA, and a server certificate for
+/// `localhost` it signed.
+#[derive(Clone)]
+struct TlsFiles {
+    /// The CA that signed the server's certificate.
+    ca: PathBuf,
+    /// A CA that signed nothing the server has.
+    wrong_ca: PathBuf,
+}
+
+/// Writes the cluster's certificates into `dir` and returns where they are;
+/// the server's key is owned by the user the server runs as, 0600, as
+/// PostgreSQL demands.
+fn make_certificates(dir: &Path) -> (TlsFiles, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let ca = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    };
+    let (right, wrong) = (ca("sensord test CA"), ca("another CA"));
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &right)
+        .unwrap();
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        wrong_ca: dir.join("wrong-ca.pem"),
+    };
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    std::fs::write(&files.ca, right.pem()).unwrap();
+    std::fs::write(&files.wrong_ca, wrong.pem()).unwrap();
+    std::fs::write(&cert, server.pem()).unwrap();
+    std::fs::write(&key, server_key.serialize_pem()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // SAFETY: geteuid has no preconditions; getpwnam gets a NUL-terminated
+    // name and its result is read before any other call could reuse it.
+    unsafe {
+        if libc::geteuid() == 0 {
+            let user = libc::getpwnam(c"postgres".as_ptr());
+            assert!(!user.is_null(), "there is a postgres user");
+            let c_key = std::ffi::CString::new(key.to_str().unwrap()).unwrap();
+            assert_eq!(
+                libc::chown(c_key.as_ptr(), (*user).pw_uid, (*user).pw_gid),
+                0
+            );
+        }
+    }
+    (files, cert, key)
 }
 
 /// A cluster in a temporary folder, run by the `postgres` user when the
@@ -179,10 +238,36 @@ impl Cluster {
             ],
             cluster.dir.path(),
         );
+        // TLS on, plain connections still taken; `postgres` logs in
+        // without a password, every other role with one.
+        let (tls, cert, key) = make_certificates(cluster.dir.path());
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        use std::io::Write;
+        writeln!(
+            conf,
+            "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'",
+            cert.display(),
+            key.display()
+        )
+        .unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             host all postgres ::1/128 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host all all ::1/128 scram-sha-256\n",
+        )
+        .unwrap();
         cluster.start();
         Some(Cluster {
             base: format!("postgres://postgres@127.0.0.1:{}", cluster.port),
+            port: cluster.port,
             local: Some(cluster),
+            tls: Some(tls),
         })
     }
 
@@ -197,11 +282,19 @@ impl Cluster {
         Some(Cluster {
             base: url[..end].to_string(),
             local: None,
+            tls: None,
+            port: 0,
         })
     }
 
     /// A URL for database `name`, created empty (dropped first if present).
     fn database(&self, name: &str) -> String {
+        format!("{}/{}", self.base, self.database_name(name))
+    }
+
+    /// Creates database `name` empty (dropped first if present) and returns
+    /// its full name.
+    fn database_name(&self, name: &str) -> String {
         let name = format!("sensord_test_{name}_{}", std::process::id());
         let mut admin = connect(&format!("{}/postgres", self.base));
         // Each alone: neither may run in a transaction block.
@@ -211,6 +304,11 @@ impl Cluster {
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .unwrap();
+        name
+    }
+
+    /// The URL of database `name` (a full name, from `database_name`).
+    fn database_url(&self, name: &str) -> String {
         format!("{}/{name}", self.base)
     }
 
@@ -612,7 +710,7 @@ fn pg_stats_agree_with_the_table() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr.contains("cannot open database postgres://postgres:***@"),
+        stderr.contains("cannot open database postgres://postgres@127.0.0.1:"),
         "{stderr}"
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
@@ -652,4 +750,601 @@ fn only_spill_file(dir: &Path) -> PathBuf {
         dir.display()
     );
     found.into_iter().next().unwrap()
+}
+
+/// Runs `sensord ARGS` to completion with extra environment variables, with
+/// a deadline.
+fn run_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(cwd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the test binary runs");
+    wait_child(&mut child, Duration::from_secs(60));
+    child.wait_with_output().unwrap()
+}
+
+/// Waits for `child` to exit, killing it and failing after `timeout`;
+/// returns how long it took.
+fn wait_child(child: &mut Child, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return started.elapsed();
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("sensord did not exit within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `sensord serve` on `db` with `--busy-timeout 2s`, expected to fail
+/// start-up: returns its output and how long it took.
+fn serve_failing(db: &str, cwd: &Path, extra: &[&str]) -> (Output, Duration) {
+    let started = Instant::now();
+    let args = [
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--db",
+            db,
+            "--busy-timeout",
+            "2s",
+        ][..],
+        extra,
+    ]
+    .concat();
+    let out = run(&args, cwd);
+    (out, started.elapsed())
+}
+
+/// The `error:` lines of an output's stderr.
+fn error_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Store settings for tests that drive the library directly.
+fn store_options() -> sensord::store::Options {
+    sensord::store::Options {
+        busy_timeout: Duration::from_secs(5),
+        table: sensord::store::DEFAULT_TABLE.to_string(),
+        stop: None,
+        password_file: None,
+    }
+}
+
+/// Reading `i` of a test batch: distinct `ingested_at`, a sane temperature.
+fn reading(i: usize, temperature: f64) -> sensord::Reading {
+    sensord::Reading {
+        sensor_id: (i % 7) as i64,
+        temperature,
+        humidity: 0.5,
+        ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
+        received_at: 1_764_150_000.0,
+    }
+}
+
+fn row_count(url: &str) -> i64 {
+    connect(url)
+        .query_one("SELECT COUNT(*) FROM sensor_measurements", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Another session takes the measurements table with `ACCESS EXCLUSIVE`
+/// and holds it until `COMMIT` is sent on the returned client.
+fn lock_table(url: &str) -> Client {
+    let mut locker = connect(url);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE sensor_measurements IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    locker
+}
+
+/// The table locked by another session at start-up: `serve` fails within
+/// the busy timeout with one clear line, and a SIGTERM during the wait
+/// ends it within about a second.
+#[test]
+fn pg_locked_table_at_start_is_bounded_and_interruptible() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("lockedstart");
+    let scratch = Scratch::new();
+    drop(sensord::store::open(&url, &store_options()).unwrap());
+    let mut locker = lock_table(&url);
+
+    let (out, took) = serve_failing(&url, scratch.path(), &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    // Which of lock_timeout and statement_timeout (both the busy timeout)
+    // fires first is up to the server.
+    let errors = error_lines(&out);
+    let prefix = format!("error: cannot open database {url}: canceling statement due to ");
+    assert!(
+        errors.len() == 1
+            && [
+                &format!("{prefix}lock timeout"),
+                &format!("{prefix}statement timeout")
+            ]
+            .contains(&&errors[0]),
+        "{errors:?}"
+    );
+
+    let mut child = Command::new(bin())
+        .args(["serve", "--bind", "127.0.0.1:0", "--db", &url])
+        .args(["--busy-timeout", "30s"])
+        .current_dir(scratch.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(700));
+    signal(child.id(), libc::SIGTERM);
+    let took = wait_child(&mut child, Duration::from_secs(10));
+    let out = child.wait_with_output().unwrap();
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        error_lines(&out),
+        [format!(
+            "error: cannot open database {url}: interrupted by a stop request"
+        )]
+    );
+    locker.batch_execute("COMMIT").unwrap();
+}
+
+/// The table locked while sensord runs: a SIGTERM stops it within the busy
+/// timeout and a few seconds (exit 1, readings spilled), and a restart
+/// after the lock is gone stores every reading exactly once.
+#[test]
+fn pg_locked_table_at_stop_is_bounded_and_replayed() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("lockedstop");
+    let scratch = Scratch::new();
+    let args = [
+        &["--db", &url, "--busy-timeout", "2s"][..],
+        &HOLD_UNTIL_STOP,
+    ]
+    .concat();
+    let mut server = Server::start(scratch.path(), &args);
+    let sent = precise_readings(500);
+    send_datagrams(server.addr, sent.iter().map(|s| s.text.as_bytes()));
+    server.wait_for_accepted(500, Duration::from_secs(20));
+    let mut locker = lock_table(&url);
+    let started = Instant::now();
+    let status = server.stop_with(libc::SIGTERM, EXIT);
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(1), "log:\n{}", server.log_text());
+    assert!(
+        took < Duration::from_secs(2 + 4),
+        "took {took:?}; log:\n{}",
+        server.log_text()
+    );
+    locker.batch_execute("COMMIT").unwrap();
+
+    let mut server = Server::start(scratch.path(), &["--db", &url]);
+    server.wait_for_line("replayed 500 readings", Duration::from_secs(10));
+    server.stop_clean();
+    assert_eq!(rows_and_distinct(&url), (500, 500));
+}
+
+/// A server that accepts TCP and never answers: start-up fails within the
+/// busy timeout with one clear line, and a SIGTERM while waiting for it
+/// ends start-up within about a second.
+#[test]
+fn pg_silent_server_fails_start_within_busy_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    // Holds what it accepts, answering nothing, for at most 30 s.
+    let holder = thread::spawn(move || {
+        let (mut held, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(30));
+        while Instant::now() < deadline && held.len() < 2 {
+            match listener.accept() {
+                Ok((stream, _)) => held.push(stream),
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        held
+    });
+    let scratch = Scratch::new();
+    let url = format!("postgres://nobody@127.0.0.1:{port}/x");
+    let (out, took) = serve_failing(&url, scratch.path(), &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert_eq!(
+        error_lines(&out),
+        [format!(
+            "error: cannot open database {url}: no connection within 2s \
+             (the server did not complete the handshake)"
+        )]
+    );
+
+    let mut child = Command::new(bin())
+        .args(["serve", "--bind", "127.0.0.1:0", "--db", &url])
+        .args(["--busy-timeout", "30s"])
+        .current_dir(scratch.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(700));
+    signal(child.id(), libc::SIGTERM);
+    let took = wait_child(&mut child, Duration::from_secs(10));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(holder.join().unwrap().len(), 2, "both runs connected");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        error_lines(&out),
+        [format!(
+            "error: cannot open database {url}: interrupted by a stop request"
+        )]
+    );
+}
+
+/// A password with `/`, `?` and `@`, percent-encoded in URLs.
+const PASSWORD: &str = "s3/cr?et@pw";
+const ENCODED: &str = "s3%2Fcr%3Fet%40pw";
+
+/// Serve and stats with the right password (in the URL, in PGPASSWORD, in
+/// --db-password-file), a wrong one, a stopped server and a missing
+/// database: the right ones store and read the rows, the others fail with
+/// their cause, and no line printed holds the password.
+#[test]
+fn pg_password_never_shown() {
+    let Some(cluster) = shared() else { return };
+    if cluster.tls.is_none() {
+        eprintln!("skipping: needs the throwaway cluster's password rules");
+        return;
+    }
+    let name = cluster.database_name("password");
+    let role = format!("sensord_pw_{}", std::process::id());
+    let mut admin = connect(&format!("{}/postgres", cluster.base));
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role};
+             CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}';
+             ALTER DATABASE {name} OWNER TO {role};"
+        ))
+        .unwrap();
+    let port = cluster.port;
+    let with = |password: &str, port: u16, db: &str| {
+        format!("postgres://{role}{password}@127.0.0.1:{port}/{db}")
+    };
+    let right = with(&format!(":{ENCODED}"), port, &name);
+    let bare = with("", port, &name);
+    let scratch = Scratch::new();
+    let password_file = scratch.path().join("password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let password_file = password_file.to_str().unwrap();
+    let mut server = Server::start(scratch.path(), &["--db", &right]);
+    send_datagrams(
+        server.addr,
+        precise_readings(100).iter().map(|s| s.text.as_bytes()),
+    );
+    assert_eq!(server.stop_clean()["persisted"], 100);
+    let mut printed: Vec<String> = server.log.lock().unwrap().clone();
+    let mut keep = |out: &Output| {
+        printed.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(String::from),
+        );
+        printed.extend(
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .map(String::from),
+        );
+    };
+
+    assert_eq!(row_count(&cluster.database_url(&name)), 100);
+
+    for (args, env) in [
+        (vec!["stats", "--db", &right], vec![]),
+        (vec!["stats", "--db", &bare], vec![("PGPASSWORD", PASSWORD)]),
+        (
+            vec!["stats", "--db", &bare, "--db-password-file", password_file],
+            vec![],
+        ),
+    ] {
+        let out = run_env(&args, scratch.path(), &env);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("readings: 100\n"));
+        keep(&out);
+    }
+
+    let wrong = with(":wrong%2Fpw", port, &name);
+    let stopped = with(&format!(":{ENCODED}"), free_port(), &name);
+    let missing = with(&format!(":{ENCODED}"), port, "sensord_no_such_db");
+    let no_file = scratch.path().join("no-such-file");
+    let no_file = no_file.to_str().unwrap();
+    for (db, extra, cause) in [
+        (&wrong, &[][..], "password authentication failed"),
+        (&stopped, &[][..], "Connection refused"),
+        (
+            &missing,
+            &[][..],
+            "database \"sensord_no_such_db\" does not exist",
+        ),
+        (
+            &bare,
+            &["--db-password-file", no_file][..],
+            "cannot read --db-password-file",
+        ),
+    ] {
+        let (out, _) = serve_failing(db, scratch.path(), extra);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let errors = error_lines(&out);
+        assert_eq!(errors.len(), 1, "{out:?}");
+        assert!(errors[0].contains(cause), "{errors:?}");
+        keep(&out);
+        let out = run(
+            &[&["stats", "--db", db][..], extra].concat(),
+            scratch.path(),
+        );
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(error_lines(&out)[0].contains(cause), "{out:?}");
+        keep(&out);
+    }
+    for line in &printed {
+        for secret in [PASSWORD, ENCODED, "wrong/pw", "wrong%2Fpw"] {
+            assert!(!line.contains(secret), "printed {line:?}");
+        }
+    }
+}
+
+/// `sslmode=require`: sensord's connection is encrypted and the rows land.
+#[test]
+fn pg_tls_require_stores_rows() {
+    let Some(cluster) = shared() else { return };
+    if cluster.tls.is_none() {
+        eprintln!("skipping: needs the throwaway cluster's certificates");
+        return;
+    }
+    let url = cluster.database("tlsrequire");
+    let scratch = Scratch::new();
+    let tls_url = format!("{url}?sslmode=require");
+    let args = ["--db", &tls_url, "--flush-interval", "20ms"];
+    let mut server = Server::start(scratch.path(), &args);
+    send_datagrams(
+        server.addr,
+        precise_readings(200).iter().map(|s| s.text.as_bytes()),
+    );
+    wait_for_rows(&url, 200, &server);
+    let encrypted: Vec<bool> = connect(&url)
+        .query(
+            "SELECT ssl FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+             WHERE application_name = 'sensord' AND datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(encrypted, [true]);
+    assert_eq!(server.stop_clean()["persisted"], 200);
+    assert_eq!(rows_and_distinct(&url), (200, 200));
+}
+
+/// `sslmode=verify-full` with the CA that signed the server's certificate
+/// and `host=localhost` stores rows; with another CA, start-up fails with
+/// one clear line.
+#[test]
+fn pg_tls_verify_full_checks_the_certificate() {
+    let Some(cluster) = shared() else { return };
+    let Some(tls) = cluster.tls.clone() else {
+        eprintln!("skipping: needs the throwaway cluster's certificates");
+        return;
+    };
+    let name = cluster.database_name("tlsverify");
+    let verify = |ca: &Path| {
+        format!(
+            "postgres://postgres@localhost:{}/{name}?sslmode=verify-full&sslrootcert={}",
+            cluster.port,
+            ca.display()
+        )
+    };
+    let scratch = Scratch::new();
+    let mut server = Server::start(scratch.path(), &["--db", &verify(&tls.ca)]);
+    send_datagrams(
+        server.addr,
+        precise_readings(200).iter().map(|s| s.text.as_bytes()),
+    );
+    assert_eq!(server.stop_clean()["persisted"], 200);
+    assert_eq!(rows_and_distinct(&cluster.database_url(&name)), (200, 200));
+
+    let (out, _) = serve_failing(&verify(&tls.wrong_ca), scratch.path(), &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let errors = error_lines(&out);
+    assert_eq!(errors.len(), 1, "{out:?}");
+    assert!(
+        errors[0].starts_with(&format!(
+            "error: cannot open database postgres://postgres@localhost:{}/{name}: ",
+            cluster.port
+        )) && errors[0].contains("invalid peer certificate"),
+        "{errors:?}"
+    );
+}
+
+/// An existing table whose columns differ is refused at start, naming the
+/// column; an extra column with a default is accepted.
+#[test]
+fn pg_mismatched_table_is_refused_at_start() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("mismatch");
+    let scratch = Scratch::new();
+    let columns = |temperature: &str, extra: &str| {
+        format!(
+            "DROP TABLE IF EXISTS sensor_measurements;
+             CREATE TABLE sensor_measurements (
+                 sensor_id bigint NOT NULL, temperature {temperature} NOT NULL,
+                 humidity double precision NOT NULL, ingested_at timestamptz NOT NULL,
+                 received_at timestamptz NOT NULL {extra})"
+        )
+    };
+    connect(&url).batch_execute(&columns("text", "")).unwrap();
+    let (out, _) = serve_failing(&url, scratch.path(), &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        error_lines(&out),
+        [format!(
+            "error: cannot open database {url}: table sensor_measurements: \
+             column temperature is text, expected double precision"
+        )]
+    );
+
+    let extra = ", site text NOT NULL DEFAULT 'here'";
+    connect(&url)
+        .batch_execute(&columns("double precision", extra))
+        .unwrap();
+    let mut server = Server::start(scratch.path(), &["--db", &url]);
+    send_datagrams(
+        server.addr,
+        precise_readings(10).iter().map(|s| s.text.as_bytes()),
+    );
+    assert_eq!(server.stop_clean()["persisted"], 10);
+    assert_eq!(rows_and_distinct(&url), (10, 10));
+}
+
+/// Two readings at f64::MAX overflow a float8 average; `stats` still
+/// answers, with the exact average.
+#[test]
+fn pg_stats_survive_float8_overflow() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("overflow");
+    let scratch = Scratch::new();
+    let mut store = sensord::store::open(&url, &store_options()).unwrap();
+    let readings = [reading(1, f64::MAX), reading(8, f64::MAX)];
+    let id = sensord::store::BatchId { run: 1, seq: 1 };
+    assert!(store.write_batch(id, &readings).unwrap().is_empty());
+    let out = run(&["stats", "--db", &url, "--json"], scratch.path());
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["readings"], 2);
+    assert_eq!(
+        json["per_sensor"][0]["temperature"]["avg"].as_f64(),
+        Some(f64::MAX)
+    );
+}
+
+/// 1000 readings of which 3 break a CHECK constraint: 997 stored, 3
+/// refused with the server's message; the same batch id again writes
+/// nothing.
+#[test]
+fn pg_poisoned_readings_are_refused_and_the_rest_commit() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("poison");
+    let mut store = sensord::store::open(&url, &store_options()).unwrap();
+    connect(&url)
+        .batch_execute(
+            "ALTER TABLE sensor_measurements
+             ADD CONSTRAINT sane_temperature CHECK (temperature < 1000)",
+        )
+        .unwrap();
+    let poisoned = [0, 500, 999];
+    let readings: Vec<_> = (0..1000)
+        .map(|i| reading(i, if poisoned.contains(&i) { 5000.0 } else { 20.0 }))
+        .collect();
+    let id = sensord::store::BatchId { run: 7, seq: 1 };
+    let refused = store.write_batch(id, &readings).unwrap();
+    let refused_readings: Vec<_> = refused.iter().map(|r| r.reading).collect();
+    let expected: Vec<_> = poisoned.iter().map(|&i| readings[i]).collect();
+    assert_eq!(refused_readings, expected);
+    for refusal in &refused {
+        assert_eq!(
+            refusal.cause,
+            "new row for relation \"sensor_measurements\" violates check constraint \
+             \"sane_temperature\""
+        );
+    }
+    assert_eq!(rows_and_distinct(&url), (997, 997));
+    assert!(store.write_batch(id, &readings).unwrap().is_empty());
+    assert_eq!(rows_and_distinct(&url), (997, 997));
+}
+
+/// A spill import of three batches: one whose id already committed
+/// (skipped), one with 2 poisoned readings (refused, the rest stored), one
+/// without an id (stored); importing the same key again writes nothing.
+#[test]
+fn pg_spill_import_skips_committed_batches_and_refuses_poison() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("spillpoison");
+    let mut store = sensord::store::open(&url, &store_options()).unwrap();
+    connect(&url)
+        .batch_execute(
+            "ALTER TABLE sensor_measurements
+             ADD CONSTRAINT sane_temperature CHECK (temperature < 1000)",
+        )
+        .unwrap();
+    let readings: Vec<_> = (0..250)
+        .map(|i| reading(i, if i == 130 || i == 170 { 5000.0 } else { 20.0 }))
+        .collect();
+    let (committed, in_doubt) = (
+        sensord::store::BatchId { run: 9, seq: 1 },
+        sensord::store::BatchId { run: 9, seq: 2 },
+    );
+    assert!(
+        store
+            .write_batch(committed, &readings[..100])
+            .unwrap()
+            .is_empty()
+    );
+    let batches = [
+        sensord::store::SpillBatch {
+            id: Some(committed),
+            readings: readings[..100].to_vec(),
+        },
+        sensord::store::SpillBatch {
+            id: Some(in_doubt),
+            readings: readings[100..200].to_vec(),
+        },
+        sensord::store::SpillBatch {
+            id: None,
+            readings: readings[200..].to_vec(),
+        },
+    ];
+    let refused = store.import_spill("key-1", &batches).unwrap().unwrap();
+    let refused: Vec<_> = refused.iter().map(|r| r.reading).collect();
+    assert_eq!(refused, [readings[130], readings[170]]);
+    assert_eq!(rows_and_distinct(&url), (248, 248));
+    assert_eq!(store.import_spill("key-1", &batches).unwrap(), None);
+    assert_eq!(
+        store.import_spill("key-2", &batches[..2]).unwrap(),
+        Some(Vec::new())
+    );
+    assert_eq!(rows_and_distinct(&url), (248, 248));
+}
+
+/// Pruning old batch ids keeps each run's newest 17, the ids a late spill
+/// replay of that run can name.
+#[test]
+fn pg_pruning_keeps_each_runs_newest_batch_ids() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("prune");
+    drop(sensord::store::open(&url, &store_options()).unwrap());
+    connect(&url)
+        .batch_execute(
+            "INSERT INTO sensord_batches (run, seq, committed_at)
+             SELECT 3, seq, now() - interval '30 days' FROM generate_series(1, 40) seq",
+        )
+        .unwrap();
+    drop(sensord::store::open(&url, &store_options()).unwrap());
+    let kept: Vec<i64> = connect(&url)
+        .query(
+            "SELECT seq FROM sensord_batches WHERE run = 3 ORDER BY seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(kept, (24..=40).collect::<Vec<i64>>());
 }
