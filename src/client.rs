@@ -115,14 +115,15 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<u64, Error> {
             pace(next, shutdown);
         }
     }
-    info!("sent {sent} readings");
+    info!("sent {}", crate::ledger::count(sent, "reading"));
     if failed > 0 {
         // The kernel reports a refusal on the send after the one refused,
         // so some "sent" readings were refused too.
         return Err(Error::Config(format!(
-            "{} refused {failed} datagrams: nothing is listening there (is `sensord serve` \
-             running, on that port?)",
-            config.to
+            "{} refused {}: nothing is listening there (is `sensord serve` running, on that \
+             port?)",
+            config.to,
+            crate::ledger::count(failed, "datagram")
         )));
     }
     Ok(sent)

@@ -5,6 +5,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::reading::Rejection;
 
+/// `1 reading`, `2 readings`: a count and its noun, for messages.
+pub fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// The daemon's running totals. Readings and datagrams are counted
 /// separately: one datagram may carry an array of readings.
 #[derive(Debug, Default)]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use log::{debug, error, info, warn};
 
-use crate::ledger::Ledger;
+use crate::ledger::{self, Ledger};
 use crate::reading::Reading;
 use crate::shutdown::Shutdown;
 use crate::spill::Spill;
@@ -100,7 +100,8 @@ impl Shared {
             Ok(()) => {
                 Ledger::add(&self.ledger.dead_letter, count);
                 warn!(
-                    "the database refused {count} readings for good ({}); they are in {}",
+                    "the database refused {} for good ({}); see {}",
+                    ledger::count(count, "reading"),
                     refused[0].cause,
                     self.spill.dead_letter_path().display()
                 );

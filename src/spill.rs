@@ -254,25 +254,30 @@ impl Spill {
         fail::fail_point!("spill::before_import");
         let outcome = store.import_spill(&key, &batches)?;
         let replayed = match outcome {
-            Some(refused) => {
+            Some(imported) => {
                 // Durable before the file goes: a failure here keeps it.
-                self.dead_letters(&refused)?;
-                let dead_letter = refused.len() as u64;
+                self.dead_letters(&imported.refused)?;
+                let dead_letter = imported.refused.len() as u64;
+                let mut notes = String::new();
+                if imported.skipped > 0 {
+                    notes += &format!(
+                        "; {} were committed before (an unanswered COMMIT) and not stored again",
+                        imported.skipped
+                    );
+                }
+                if dead_letter > 0 {
+                    notes += &format!(
+                        "; {dead_letter} refused by the database are in {}",
+                        self.dead_letter_path.display()
+                    );
+                }
                 info!(
-                    "replayed {} readings from spill file {}{}",
-                    total as u64 - dead_letter,
-                    self.path.display(),
-                    if dead_letter > 0 {
-                        format!(
-                            "; {dead_letter} refused by the database are in {}",
-                            self.dead_letter_path.display()
-                        )
-                    } else {
-                        String::new()
-                    }
+                    "replayed {} readings from spill file {}{notes}",
+                    imported.stored,
+                    self.path.display()
                 );
                 Replayed {
-                    imported: total as u64 - dead_letter,
+                    imported: imported.stored,
                     dead_letter,
                 }
             }

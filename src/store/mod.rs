@@ -35,6 +35,17 @@ pub struct Refusal {
     pub cause: String,
 }
 
+/// What an import of a spill file did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Imported {
+    /// Readings committed.
+    pub stored: u64,
+    /// Readings skipped because their batch had committed before.
+    pub skipped: u64,
+    /// Readings the database refused for good.
+    pub refused: Vec<Refusal>,
+}
+
 /// One batch of a spill file: the readings, and the id they were last
 /// attempted under, if any. A batch whose commit outcome was unknown (an
 /// unanswered COMMIT, an abandoned final flush) is imported only if that
@@ -69,12 +80,13 @@ pub trait Store: Send {
     /// the ids of the others are recorded as committed. Returns None,
     /// writing nothing, if `key` was already imported (replay is idempotent
     /// across a crash before the file's removal); else the refused
-    /// readings, as for `write_batch`.
+    /// readings, as for `write_batch`, with how many were stored and
+    /// skipped.
     fn import_spill(
         &mut self,
         key: &str,
         batches: &[SpillBatch],
-    ) -> Result<Option<Vec<Refusal>>, Error>;
+    ) -> Result<Option<Imported>, Error>;
 
     /// A handle that makes the current or next operation fail promptly.
     fn interrupter(&self) -> Interrupter;

@@ -50,7 +50,7 @@ use postgres::{CancelToken, Client, Config, NoTls, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    BatchId, Interrupter, Options, Refusal, SensorSummary, SpillBatch, Store, Summary,
+    BatchId, Imported, Interrupter, Options, Refusal, SensorSummary, SpillBatch, Store, Summary,
     per_sensor_sql,
 };
 use crate::error::{Error, io_cause};
@@ -509,7 +509,7 @@ impl PostgresStore {
         &mut self,
         key: &str,
         batches: &[SpillBatch],
-    ) -> Result<Option<Vec<Refusal>>, Failure> {
+    ) -> Result<Option<Imported>, Failure> {
         let copy = copy_statement(&self.table);
         let table = self.table.clone();
         let in_file: usize = batches.iter().map(|b| b.readings.len()).sum();
@@ -525,6 +525,7 @@ impl PostgresStore {
                 return Ok(None);
             }
             let mut readings = Vec::with_capacity(in_file);
+            let mut skipped = 0;
             for batch in batches {
                 if let Some(id) = batch.id {
                     let fresh = tx.execute(
@@ -537,6 +538,7 @@ impl PostgresStore {
                             "spill file batch {:016x}/{} was committed before; not importing it again",
                             id.run, id.seq
                         );
+                        skipped += batch.readings.len() as u64;
                         continue;
                     }
                 }
@@ -549,7 +551,11 @@ impl PostgresStore {
                 Vec::new()
             };
             tx.commit()?;
-            Ok::<_, postgres::Error>(Some(refused))
+            Ok::<_, postgres::Error>(Some(Imported {
+                stored: (readings.len() - refused.len()) as u64,
+                skipped,
+                refused,
+            }))
         };
         Ok(match attempt(client, false) {
             Err(e) if is_permanent(&e) => attempt(client, true)?,
@@ -1010,7 +1016,7 @@ impl Store for PostgresStore {
         &mut self,
         key: &str,
         batches: &[SpillBatch],
-    ) -> Result<Option<Vec<Refusal>>, Error> {
+    ) -> Result<Option<Imported>, Error> {
         self.interrupted.store(false, Ordering::SeqCst);
         self.try_import(key, batches).map_err(|e| {
             self.disconnect();

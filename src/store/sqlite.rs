@@ -13,7 +13,7 @@ use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    BatchId, Interrupter, Options, Refusal, SensorSummary, SpillBatch, Store, Summary,
+    BatchId, Imported, Interrupter, Options, Refusal, SensorSummary, SpillBatch, Store, Summary,
     per_sensor_sql,
 };
 use crate::error::Error;
@@ -360,7 +360,7 @@ impl Store for SqliteStore {
         &mut self,
         key: &str,
         batches: &[SpillBatch],
-    ) -> Result<Option<Vec<Refusal>>, Error> {
+    ) -> Result<Option<Imported>, Error> {
         let what = || format!("cannot import spill file into {}", self.path);
         let sql_error = |e: rusqlite::Error| Error::database(what(), cause(&e));
         let tx = self
@@ -389,7 +389,10 @@ impl Store for SqliteStore {
         )
         .map_err(sql_error)?;
         tx.commit().map_err(sql_error)?;
-        Ok(Some(Vec::new()))
+        Ok(Some(Imported {
+            stored: count as u64,
+            ..Imported::default()
+        }))
     }
 
     fn interrupter(&self) -> Interrupter {

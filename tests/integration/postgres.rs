@@ -894,9 +894,10 @@ fn pg_locked_table_at_start_is_bounded_and_interruptible() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert_eq!(
         error_lines(&out),
-        [format!(
-            "error: cannot open database {url}: interrupted by a stop request"
-        )]
+        [
+            "error: stopped during start-up (opening the database); nothing was imported and \
+          the spill file, if any, is kept"
+        ]
     );
     locker.batch_execute("COMMIT").unwrap();
 }
@@ -984,9 +985,10 @@ fn pg_silent_server_fails_start_within_busy_timeout() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert_eq!(
         error_lines(&out),
-        [format!(
-            "error: cannot open database {url}: interrupted by a stop request"
-        )]
+        [
+            "error: stopped during start-up (opening the database); nothing was imported and \
+          the spill file, if any, is kept"
+        ]
     );
 }
 
@@ -1311,14 +1313,19 @@ fn pg_spill_import_skips_committed_batches_and_refuses_poison() {
             readings: readings[200..].to_vec(),
         },
     ];
-    let refused = store.import_spill("key-1", &batches).unwrap().unwrap();
-    let refused: Vec<_> = refused.iter().map(|r| r.reading).collect();
+    let imported = store.import_spill("key-1", &batches).unwrap().unwrap();
+    assert_eq!((imported.stored, imported.skipped), (148, 100));
+    let refused: Vec<_> = imported.refused.iter().map(|r| r.reading).collect();
     assert_eq!(refused, [readings[130], readings[170]]);
     assert_eq!(rows_and_distinct(&url), (248, 248));
     assert_eq!(store.import_spill("key-1", &batches).unwrap(), None);
     assert_eq!(
         store.import_spill("key-2", &batches[..2]).unwrap(),
-        Some(Vec::new())
+        Some(sensord::store::Imported {
+            stored: 0,
+            skipped: 200,
+            refused: Vec::new()
+        })
     );
     assert_eq!(rows_and_distinct(&url), (248, 248));
 }
@@ -1347,4 +1354,108 @@ fn pg_pruning_keeps_each_runs_newest_batch_ids() {
         .map(|row| row.get(0))
         .collect();
     assert_eq!(kept, (24..=40).collect::<Vec<i64>>());
+}
+
+/// The final flush's COMMIT reaches PostgreSQL but its answer is lost: the
+/// readings are spilled under their batch id, and the next start, finding
+/// that id committed, does not store them again.
+#[cfg(feature = "failpoints")]
+#[test]
+fn pg_in_doubt_final_commit_is_not_replayed_twice() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("indoubt");
+    let scratch = Scratch::new();
+    let args = [&["--db", &url][..], &HOLD_UNTIL_STOP].concat();
+    let mut server = Server::start_with_env(
+        scratch.path(),
+        &args,
+        &[("FAILPOINTS", "postgres::after_commit=return")],
+    );
+    let sent = precise_readings(2000);
+    send_datagrams(server.addr, sent.iter().map(|s| s.text.as_bytes()));
+    server.wait_for_accepted(2000, EXIT);
+    let status = server.stop_with(libc::SIGTERM, EXIT);
+    assert_eq!(status.code(), Some(1), "log:\n{}", server.log_text());
+    assert_eq!(server.shutdown_counts()["spilled"], 2000);
+    assert_eq!(rows_and_distinct(&url), (2000, 2000), "the COMMIT landed");
+    let spill = only_spill_file(scratch.path());
+    assert_eq!(spill_readings(&spill), 2000);
+
+    let mut server = Server::start(scratch.path(), &["--db", &url]);
+    server.wait_for_line("replayed 0 readings", EXIT);
+    server.wait_for_line("2000 were committed before", EXIT);
+    assert!(!spill.exists(), "the spill file is removed after replay");
+    server.stop_clean();
+    assert_eq!(rows_and_distinct(&url), (2000, 2000));
+}
+
+/// A CHECK constraint that three readings break: they go to the
+/// dead-letter file with the server's message, the other readings commit
+/// at once, and ingest goes on.
+#[test]
+fn pg_poison_readings_go_to_the_dead_letter_file() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("poison_e2e");
+    let scratch = Scratch::new();
+    let mut server = Server::start(
+        scratch.path(),
+        &[
+            "--db",
+            &url,
+            "--flush-interval",
+            "20ms",
+            "--stats-interval",
+            "50ms",
+        ],
+    );
+    connect(&url)
+        .batch_execute(
+            "ALTER TABLE sensor_measurements ADD CONSTRAINT plausible CHECK (temperature < 1000)",
+        )
+        .unwrap();
+    let datagram = |i: u64| {
+        let temperature = if i < 1500 && i % 500 == 7 {
+            5000.0
+        } else {
+            21.5
+        };
+        format!(r#"{{"sensor_id": {i}, "temperature": {temperature}, "humidity": 1.0}}"#)
+    };
+    send_datagrams(server.addr, (0..1500).map(datagram));
+    server.wait_for_count("dead_letter", 3, EXIT);
+    wait_for_rows(&url, 1497, &server);
+    // Ingest goes on after the poison.
+    send_datagrams(server.addr, (1500..1600).map(datagram));
+    wait_for_rows(&url, 1597, &server);
+    let counts = server.stop_clean();
+    assert_eq!(
+        (
+            counts["accepted"],
+            counts["persisted"],
+            counts["dead_letter"]
+        ),
+        (1600, 1597, 3),
+        "{counts:?}"
+    );
+    let dead = only_file_ending(scratch.path(), ".dead.jsonl");
+    let lines = std::fs::read_to_string(&dead).unwrap();
+    assert_eq!(lines.lines().count(), 3, "{lines}");
+    assert!(lines.contains("plausible"), "{lines}");
+    assert!(lines.contains(r#""temperature":5000.0"#), "{lines}");
+}
+
+/// The one file in `dir` whose name ends in `suffix`.
+fn only_file_ending(dir: &Path, suffix: &str) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{suffix} files in {}: {found:?}",
+        dir.display()
+    );
+    found.into_iter().next().unwrap()
 }
