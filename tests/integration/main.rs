@@ -2,6 +2,7 @@
 //! rows in real databases and on exit codes. One test binary, as ripgrep
 //! does, so the binary is built once.
 
+mod cli;
 mod faults;
 mod hardening;
 mod postgres;
