@@ -82,14 +82,14 @@ const LAST_RFC3339_SECOND: f64 = 253_402_300_799.0;
 /// value another program wrote must print.
 fn timestamp(seconds: f64) -> String {
     if !(0.0..=LAST_RFC3339_SECOND).contains(&seconds) {
-        return seconds.to_string();
+        return raw(seconds);
     }
     let time = std::time::Duration::try_from_secs_f64(seconds)
         .ok()
         .and_then(|d| std::time::UNIX_EPOCH.checked_add(d));
     match time {
         Some(t) => humantime::format_rfc3339_millis(t).to_string(),
-        None => seconds.to_string(),
+        None => raw(seconds),
     }
 }
 
@@ -98,7 +98,17 @@ fn timestamp(seconds: f64) -> String {
 fn duration(seconds: f64) -> String {
     match std::time::Duration::try_from_secs_f64(seconds.max(0.0).round()) {
         Ok(d) => humantime::format_duration(d).to_string(),
-        Err(_) => format!("{seconds} s"),
+        Err(_) => format!("{} s", raw(seconds)),
+    }
+}
+
+/// A number as written in code, in scientific notation where its digits
+/// would not fit a line (1e300 rather than 301 digits).
+fn raw(value: f64) -> String {
+    if value.abs() < 1e16 {
+        value.to_string()
+    } else {
+        format!("{value:e}")
     }
 }
 

@@ -5,4 +5,5 @@
 mod faults;
 mod postgres;
 mod serve;
+mod sqlite;
 mod util;
