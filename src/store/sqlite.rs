@@ -146,6 +146,9 @@ pub struct SqliteStore {
     opened: Option<OpenedFile>,
     /// Set once the file was found deleted or replaced (`Store::replaced`).
     replaced: bool,
+    /// True while `conn` is the placeholder `reopen` leaves when opening
+    /// the path again failed; the next write tries again.
+    detached: bool,
 }
 
 /// A file as the path named it when opened: `(device, inode)` stays the
@@ -295,6 +298,7 @@ impl Drop for SqliteStore {
 /// One batch to commit: its id, if it has one, and its readings.
 #[derive(Clone, Copy)]
 struct Part<'a> {
+    /// Recorded in `sensord_batches`; a part whose id is there is skipped.
     id: Option<BatchId>,
     readings: &'a [Reading],
 }
@@ -321,6 +325,7 @@ impl SqliteStore {
             interrupted: Arc::new(AtomicBool::new(false)),
             checkpointer: Some(checkpointer),
             replaced: false,
+            detached: false,
         })
     }
 
@@ -376,6 +381,7 @@ impl SqliteStore {
             checkpointer: None,
             opened: None,
             replaced: false,
+            detached: false,
         })
     }
 
@@ -537,15 +543,17 @@ impl SqliteStore {
     /// recreates) the file its path names now, and marks the store
     /// replaced.
     fn follow_path(&mut self) -> Result<(), Error> {
-        let Some(happened) = self.moved() else {
-            return Ok(());
-        };
-        error!(
-            "database {} {happened} while sensord was writing to it; what was written \
-             to it since it was opened is no longer at that path; reopening {}",
-            self.path, self.path
-        );
-        self.replaced = true;
+        if !self.detached {
+            let Some(happened) = self.moved() else {
+                return Ok(());
+            };
+            error!(
+                "database {} {happened} while sensord was writing to it: the readings \
+                 stored in it are not in the file at that path now; opening {} again",
+                self.path, self.path
+            );
+            self.replaced = true;
+        }
         self.reopen()?;
         info!("reopened database {}; writing there from now on", self.path);
         Ok(())
@@ -563,10 +571,19 @@ impl SqliteStore {
             cause: cause(&e),
         })?;
         let old = std::mem::replace(&mut self.conn, placeholder);
+        self.detached = true;
+        // Empties the old WAL, through the descriptor open on it: SQLite
+        // does not checkpoint a moved file at close, and a WAL left at the
+        // path would be replayed into whatever file the path names now
+        // (tested: the old rows replaced the new file's).
+        if let Err(e) = old.wal_checkpoint_v2(None::<&str>, CheckpointMode::TRUNCATE) {
+            warn!("emptying the old WAL of {}: {}", self.path, cause(&e));
+        }
         if let Err((_, e)) = old.close() {
             warn!("closing the old connection to {}: {}", self.path, cause(&e));
         }
         let (conn, checkpointer) = open_writer(&self.path, self.busy_timeout)?;
+        self.detached = false;
         *self
             .interrupt
             .lock()
@@ -637,6 +654,18 @@ fn isolate(
         Err(e) if is_permanent(&e) => e,
         other => return other,
     };
+    if savepoint.is_autocommit() {
+        // The savepoints went with the transaction: nothing to bisect in.
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+            Some(format!(
+                "{}, and that rolled back the whole transaction (a trigger's \
+                 RAISE(ROLLBACK)?), so the refused reading cannot be set aside; \
+                 RAISE(ABORT) refuses one reading",
+                cause(&e)
+            )),
+        ));
+    }
     savepoint.rollback()?;
     if let [reading] = readings {
         refusals.push(Refusal {

@@ -516,3 +516,74 @@ fn stats_reads_a_file_whose_writer_was_killed() {
     let table = stats(&scratch.db, &[]);
     assert!(table.contains("readings: "), "{table}");
 }
+
+/// A `BEFORE INSERT` trigger's `RAISE(ABORT, ...)` refuses a reading as a
+/// constraint does, with the trigger's message.
+#[test]
+fn a_trigger_refusal_is_isolated_too() {
+    let scratch = Scratch::new();
+    drop(open(&scratch.db));
+    let conn = Connection::open(&scratch.db).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER no_heat BEFORE INSERT ON sensor_measurements
+         WHEN NEW.temperature >= 1000 BEGIN SELECT RAISE(ABORT, 'too hot'); END",
+    )
+    .unwrap();
+    drop(conn);
+    let mut store = open(&scratch.db);
+    let refused = store.write_batch(id(1), &readings(200, &[7, 150])).unwrap();
+    drop(store);
+    let causes: Vec<&str> = refused.iter().map(|r| r.cause.as_str()).collect();
+    assert_eq!(causes, ["too hot", "too hot"]);
+    assert_eq!(row_count(&scratch.db), 198);
+}
+
+/// A trigger's `RAISE(ROLLBACK, ...)` ends the transaction and with it the
+/// savepoints bisection needs: the batch fails (to be retried) with a
+/// message that says so, and nothing is written.
+#[test]
+fn a_trigger_rolling_back_everything_is_an_error() {
+    let scratch = Scratch::new();
+    drop(open(&scratch.db));
+    let conn = Connection::open(&scratch.db).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER no_heat BEFORE INSERT ON sensor_measurements
+         WHEN NEW.temperature >= 1000 BEGIN SELECT RAISE(ROLLBACK, 'too hot'); END",
+    )
+    .unwrap();
+    drop(conn);
+    let mut store = open(&scratch.db);
+    let error = store
+        .write_batch(id(1), &readings(200, &[7]))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("too hot"), "{error}");
+    assert!(error.contains("RAISE(ROLLBACK)"), "{error}");
+    drop(store);
+    assert_eq!(row_count(&scratch.db), 0);
+}
+
+/// A file replaced under the store (another database renamed over its
+/// path) is noticed at the next write, which goes into the new file; the
+/// store reports `replaced()` and the new file stays intact.
+#[test]
+fn a_replaced_file_is_written_and_reported() {
+    let scratch = Scratch::new();
+    let mut store = open(&scratch.db);
+    store.write_batch(id(1), &readings(100, &[])).unwrap();
+    assert!(!store.replaced());
+    let other = scratch.path().join("other.db");
+    let mut other_store = open(&other);
+    other_store.write_batch(id(1), &readings(5, &[])).unwrap();
+    drop(other_store);
+    std::fs::rename(&other, &scratch.db).unwrap();
+    store.write_batch(id(2), &readings(10, &[])).unwrap();
+    assert!(store.replaced());
+    drop(store);
+    assert_eq!(row_count(&scratch.db), 15);
+    let check: String = Connection::open(&scratch.db)
+        .unwrap()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
