@@ -587,3 +587,30 @@ fn a_replaced_file_is_written_and_reported() {
         .unwrap();
     assert_eq!(check, "ok");
 }
+
+/// The interrupter stops a long bisection (a batch whose every reading is
+/// refused) promptly: the batch fails, to be retried, and nothing is
+/// written.
+#[test]
+fn the_interrupter_stops_a_long_bisection() {
+    let scratch = Scratch::new();
+    poisoned_table(&scratch.db);
+    let mut store = open(&scratch.db);
+    let mut batch = readings(200_000, &[]);
+    for reading in &mut batch {
+        reading.temperature = 5000.0;
+    }
+    let interrupt = store.interrupter();
+    let interrupter = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        interrupt();
+    });
+    let started = Instant::now();
+    let error = store.write_batch(id(1), &batch).unwrap_err().to_string();
+    let took = started.elapsed();
+    interrupter.join().unwrap();
+    assert!(error.contains("interrupted"), "{error}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    drop(store);
+    assert_eq!(row_count(&scratch.db), 0);
+}
