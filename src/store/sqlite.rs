@@ -706,7 +706,13 @@ fn interrupted_error() -> rusqlite::Error {
 /// True for the errors a read-only connection gets where a killed writer
 /// left a hot rollback journal or a WAL index to rebuild.
 fn needs_writer_to_recover(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ReadOnly)
+    use rusqlite::ffi::{SQLITE_READONLY_RECOVERY, SQLITE_READONLY_ROLLBACK};
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == SQLITE_READONLY_ROLLBACK
+                || f.extended_code == SQLITE_READONLY_RECOVERY
+    )
 }
 
 enum Migration {
