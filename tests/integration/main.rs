@@ -7,4 +7,5 @@ mod faults;
 mod hardening;
 mod postgres;
 mod serve;
+mod sqlite;
 mod util;
