@@ -4,15 +4,21 @@
 # flush and summary are shown, then `sensord stats` of the database.
 #
 # Environment: DEMO_SECONDS=N stops by itself after N seconds;
-# DEMO_PORT (default 12345); DEMO_DB (default sensors.db).
+# DEMO_PORT (default 12345); DEMO_DB (default sensors.db); SENSORD_BIN
+# runs that binary instead of building one (the tests do).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 port="${DEMO_PORT:-12345}"
 db="${DEMO_DB:-sensors.db}"
 
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-bin="${CARGO_TARGET_DIR:-$root/target}/release/sensord"
+if [[ -n "${SENSORD_BIN:-}" ]]; then
+    bin="$SENSORD_BIN"
+else
+    echo "demo: building sensord (release; the first build takes a few minutes)"
+    cargo build --release --manifest-path "$root/Cargo.toml"
+    bin="${CARGO_TARGET_DIR:-$root/target}/release/sensord"
+fi
 
 # Own sessions, so the terminal's Ctrl-C reaches only this script, which
 # then sends each process exactly one SIGINT (a second one would make the
@@ -39,7 +45,9 @@ stop() {
     wait "$server" || status=$?
     echo "demo: server exited with status $status"
     echo
-    "$bin" stats --db "$db"
+    "$bin" stats --db "$db" --limit 10
+    echo
+    echo "demo: all of it: $bin stats --db $db; or sqlite3 $db"
     exit "$status"
 }
 trap stop INT TERM

@@ -143,6 +143,15 @@ struct StatsArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Show only the N busiest sensors (most readings).
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Only this sensor's readings.
+    #[arg(long, value_name = "ID")]
+    sensor: Option<i64>,
+    /// Only readings taken in this last stretch of time, e.g. 1h or 7d.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    since: Option<Duration>,
     /// PostgreSQL password file (first line), used when neither the URL nor
     /// PGPASSWORD gives a password.
     #[arg(long, value_name = "PATH")]
@@ -366,12 +375,21 @@ fn show_stats(args: &StatsArgs) -> Result<ExitCode, Error> {
         stop: None,
         password_file: args.db_password_file.clone(),
     };
-    let summary = store::open_existing(&args.db, &options)?.summary()?;
+    let now = sensord::reading::unix_now();
+    let filter = store::Filter {
+        sensor_id: args.sensor,
+        since: args.since.map(|d| now - d.as_secs_f64()),
+    };
+    let summary = store::open_existing(&args.db, &options)?.summary(&filter)?;
+    let view = stats::View {
+        limit: args.limit,
+        now,
+    };
     let mut out = std::io::stdout().lock();
     let written = if args.json {
-        stats::write_json(&summary, &mut out)
+        stats::write_json(&summary, &view, &mut out)
     } else {
-        stats::write_table(&summary, &mut out)
+        stats::write_table(&summary, &view, &mut out)
     };
     // A closed pipe (`| head`) is not an error worth reporting.
     match written.and_then(|()| out.flush()) {

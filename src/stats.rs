@@ -3,38 +3,77 @@
 
 use std::io::{self, Write};
 
-use serde_json::json;
+use serde::Serialize;
 
-use crate::store::{MinAvgMax, Summary};
+use crate::store::{MinAvgMax, SensorSummary, Summary};
 
-/// Writes `summary` as one JSON object.
-pub fn write_json(summary: &Summary, out: &mut impl Write) -> io::Result<()> {
-    let quantity = |m: &MinAvgMax| json!({"min": m.min, "avg": m.avg, "max": m.max});
-    let per_sensor: Vec<_> = summary
-        .per_sensor
-        .iter()
-        .map(|s| {
-            json!({
-                "sensor_id": s.sensor_id,
-                "readings": s.readings,
-                "temperature": quantity(&s.temperature),
-                "humidity": quantity(&s.humidity),
+/// How much of a summary to show.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct View {
+    /// Show only this many sensors, the busiest (most readings) first;
+    /// None shows every sensor, in id order.
+    pub limit: Option<usize>,
+    /// Now, unix seconds: `last_seen` is also shown as an age.
+    pub now: f64,
+}
+
+impl View {
+    /// The sensors to show, in the order to show them.
+    fn sensors<'a>(&self, summary: &'a Summary) -> Vec<&'a SensorSummary> {
+        let mut sensors: Vec<&SensorSummary> = summary.per_sensor.iter().collect();
+        if let Some(limit) = self.limit {
+            // Busiest first; ties in id order (the sort is stable).
+            sensors.sort_by_key(|s| std::cmp::Reverse(s.readings));
+            sensors.truncate(limit);
+        }
+        sensors
+    }
+}
+
+/// The JSON document, totals first.
+#[derive(Serialize)]
+struct Document<'a> {
+    readings: u64,
+    sensors: usize,
+    first_ingested_at: Option<f64>,
+    last_ingested_at: Option<f64>,
+    per_sensor: Vec<SensorDocument<'a>>,
+}
+
+#[derive(Serialize)]
+struct SensorDocument<'a> {
+    sensor_id: i64,
+    readings: u64,
+    last_seen: Option<f64>,
+    temperature: &'a MinAvgMax,
+    humidity: &'a MinAvgMax,
+}
+
+/// Writes `summary` as one JSON object: the totals, then `per_sensor`.
+pub fn write_json(summary: &Summary, view: &View, out: &mut impl Write) -> io::Result<()> {
+    let document = Document {
+        readings: summary.readings,
+        sensors: summary.per_sensor.len(),
+        first_ingested_at: summary.span.map(|s| s.0),
+        last_ingested_at: summary.span.map(|s| s.1),
+        per_sensor: view
+            .sensors(summary)
+            .into_iter()
+            .map(|s| SensorDocument {
+                sensor_id: s.sensor_id,
+                readings: s.readings,
+                last_seen: Some(s.last_seen).filter(|t| !t.is_nan()),
+                temperature: &s.temperature,
+                humidity: &s.humidity,
             })
-        })
-        .collect();
-    let value = json!({
-        "readings": summary.readings,
-        "sensors": summary.per_sensor.len(),
-        "first_ingested_at": summary.span.map(|s| s.0),
-        "last_ingested_at": summary.span.map(|s| s.1),
-        "per_sensor": per_sensor,
-    });
-    serde_json::to_writer_pretty(&mut *out, &value)?;
+            .collect(),
+    };
+    serde_json::to_writer_pretty(&mut *out, &document)?;
     writeln!(out)
 }
 
 /// Writes `summary` as a human-readable table.
-pub fn write_table(summary: &Summary, out: &mut impl Write) -> io::Result<()> {
+pub fn write_table(summary: &Summary, view: &View, out: &mut impl Write) -> io::Result<()> {
     writeln!(out, "readings: {}", summary.readings)?;
     writeln!(out, "sensors:  {}", summary.per_sensor.len())?;
     match summary.span {
@@ -48,22 +87,32 @@ pub fn write_table(summary: &Summary, out: &mut impl Write) -> io::Result<()> {
         None if summary.readings == 0 => writeln!(out, "span:     (no readings)")?,
         None => writeln!(out, "span:     (no ingested_at is a number)")?,
     }
-    if summary.per_sensor.is_empty() {
+    let sensors = view.sensors(summary);
+    if sensors.is_empty() {
         return Ok(());
     }
     writeln!(out)?;
+    if sensors.len() < summary.per_sensor.len() {
+        writeln!(
+            out,
+            "the {} busiest of {} sensors:",
+            sensors.len(),
+            summary.per_sensor.len()
+        )?;
+    }
     writeln!(
         out,
-        "{:>10} {:>9}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}",
-        "sensor", "readings", "temp min", "avg", "max", "hum min", "avg", "max"
+        "{:>10} {:>9} {:>10}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}",
+        "sensor", "readings", "last seen", "temp min", "avg", "max", "hum min", "avg", "max"
     )?;
-    for s in &summary.per_sensor {
+    for s in sensors {
         let (t, h) = (&s.temperature, &s.humidity);
         writeln!(
             out,
-            "{:>10} {:>9}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}",
+            "{:>10} {:>9} {:>10}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}",
             s.sensor_id,
             s.readings,
+            age(view.now - s.last_seen),
             number(t.min),
             number(t.avg),
             number(t.max),
@@ -73,6 +122,25 @@ pub fn write_table(summary: &Summary, out: &mut impl Write) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// How long ago, to the second, in the largest two units (`3m 12s ago`);
+/// `-` when unknown, `future` for a reading stamped ahead of the clock.
+fn age(seconds: f64) -> String {
+    if seconds.is_nan() {
+        return "-".into();
+    }
+    if seconds < 0.0 {
+        return "future".into();
+    }
+    match std::time::Duration::try_from_secs_f64(seconds.round()) {
+        Ok(d) => {
+            let text = humantime::format_duration(d).to_string();
+            let two: Vec<&str> = text.split(' ').take(2).collect();
+            format!("{} ago", two.join(" "))
+        }
+        Err(_) => "long ago".into(),
+    }
 }
 
 /// The latest time RFC 3339 (and humantime) can write: 9999-12-31T23:59:59.

@@ -91,8 +91,9 @@ pub trait Store: Send {
     /// A handle that makes the current or next operation fail promptly.
     fn interrupter(&self) -> Interrupter;
 
-    /// Totals and per-sensor aggregates, for `sensord stats`.
-    fn summary(&mut self) -> Result<Summary, Error>;
+    /// Totals and per-sensor aggregates of the readings `filter` selects,
+    /// for `sensord stats`.
+    fn summary(&mut self, filter: &Filter) -> Result<Summary, Error>;
 
     /// True once the store found that the database it writes was deleted
     /// or replaced under it while running (and recovered by reopening):
@@ -105,11 +106,37 @@ pub trait Store: Send {
 /// What `sensord stats` reports.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Summary {
+    /// Readings the filter selects.
     pub readings: u64,
     /// Earliest and latest `ingested_at`, if there are readings.
     pub span: Option<(f64, f64)>,
     /// One entry per sensor, in ascending `sensor_id` order.
     pub per_sensor: Vec<SensorSummary>,
+}
+
+/// Which readings `Store::summary` covers: all, or one sensor's, or those
+/// taken since a time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Filter {
+    pub sensor_id: Option<i64>,
+    /// Unix seconds: readings whose `ingested_at` is at or after it.
+    pub since: Option<f64>,
+}
+
+impl Filter {
+    /// The SQL condition, `TRUE AND ...`, with the values written in: they
+    /// are numbers, so nothing needs quoting. `time` turns unix seconds
+    /// into what the store compares `ingested_at` with.
+    fn sql(&self, time: impl Fn(f64) -> String) -> String {
+        let mut condition = String::from("TRUE");
+        if let Some(id) = self.sensor_id {
+            condition += &format!(" AND sensor_id = {id}");
+        }
+        if let Some(since) = self.since.filter(|s| s.is_finite()) {
+            condition += &format!(" AND ingested_at >= {}", time(since));
+        }
+        condition
+    }
 }
 
 /// Aggregates for one sensor.
@@ -119,6 +146,8 @@ pub struct SensorSummary {
     pub readings: u64,
     pub temperature: MinAvgMax,
     pub humidity: MinAvgMax,
+    /// The latest `ingested_at`, unix seconds; NaN if none is a number.
+    pub last_seen: f64,
 }
 
 impl SensorSummary {
@@ -139,21 +168,26 @@ impl SensorSummary {
             readings: int(1)? as u64,
             temperature: stats(2)?,
             humidity: stats(5)?,
+            last_seen: real(8)?,
         })
     }
 }
 
-/// Per-sensor aggregates of `table` (already quoted as the store needs), in
-/// the column order `SensorSummary::from_row` reads.
-fn per_sensor_sql(table: &str) -> String {
+/// Per-sensor aggregates of `table` (already quoted as the store needs),
+/// of the rows `condition` selects, in the column order
+/// `SensorSummary::from_row` reads; `last_seen` is the SQL for the latest
+/// `ingested_at` as unix seconds.
+fn per_sensor_sql(table: &str, condition: &str, last_seen: &str) -> String {
     format!(
         "SELECT sensor_id, COUNT(*), MIN(temperature), AVG(temperature), MAX(temperature),
-                MIN(humidity), AVG(humidity), MAX(humidity)
-         FROM {table} GROUP BY sensor_id ORDER BY sensor_id"
+                MIN(humidity), AVG(humidity), MAX(humidity), {last_seen}
+         FROM {table} WHERE {condition} GROUP BY sensor_id ORDER BY sensor_id"
     )
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// The smallest, mean and largest value of a measurement; NaN where the
+/// store had no number to aggregate (JSON shows it as null).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct MinAvgMax {
     pub min: f64,
     pub avg: f64,

@@ -50,8 +50,8 @@ use postgres::{CancelToken, Client, Config, NoTls, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    BatchId, Imported, Interrupter, Options, Refusal, SensorSummary, SpillBatch, Store, Summary,
-    per_sensor_sql,
+    BatchId, Filter, Imported, Interrupter, Options, Refusal, SensorSummary, SpillBatch, Store,
+    Summary, per_sensor_sql,
 };
 use crate::error::{Error, io_cause};
 use crate::reading::Reading;
@@ -568,24 +568,26 @@ impl PostgresStore {
     /// values go to `numeric` through their text, which since PostgreSQL
     /// 12 is the shortest exact form: a direct cast keeps 15 digits, and
     /// f64::MAX would round up out of range on the way back.
-    fn try_summary(&mut self, exact: bool) -> Result<Summary, postgres::Error> {
+    fn try_summary(&mut self, exact: bool, filter: &Filter) -> Result<Summary, postgres::Error> {
         let table = quoted(&self.table);
+        let condition = filter.sql(|t| format!("to_timestamp({t})"));
+        let last_seen = "EXTRACT(EPOCH FROM MAX(ingested_at))::float8";
         let per_sensor = if exact {
-            per_sensor_sql(&table)
+            per_sensor_sql(&table, &condition, last_seen)
                 .replace(
                     "AVG(temperature)",
                     "AVG(temperature::text::numeric)::float8",
                 )
                 .replace("AVG(humidity)", "AVG(humidity::text::numeric)::float8")
         } else {
-            per_sensor_sql(&table)
+            per_sensor_sql(&table, &condition, last_seen)
         };
         let client = self.client.as_mut().expect("connected by summary");
         let totals = client.query_one(
             &format!(
                 "SELECT COUNT(*), EXTRACT(EPOCH FROM MIN(ingested_at))::float8,
                         EXTRACT(EPOCH FROM MAX(ingested_at))::float8
-                 FROM {table}"
+                 FROM {table} WHERE {condition}"
             ),
             &[],
         )?;
@@ -1063,15 +1065,15 @@ impl Store for PostgresStore {
         })
     }
 
-    fn summary(&mut self) -> Result<Summary, Error> {
+    fn summary(&mut self, filter: &Filter) -> Result<Summary, Error> {
         let what = format!("cannot read table {} in {}", self.table, self.url);
         self.client()
             .map_err(|e| Error::database(&what, e.cause()))?;
         // Two readings near f64::MAX overflow a float8 average; numeric does
         // not, at a cost paid only then.
-        let result = match self.try_summary(false) {
+        let result = match self.try_summary(false, filter) {
             Err(e) if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) => {
-                self.try_summary(true)
+                self.try_summary(true, filter)
             }
             other => other,
         };

@@ -24,8 +24,8 @@ use rusqlite::{
 };
 
 use super::{
-    BatchId, DEFAULT_TABLE, Imported, Interrupter, Options, Refusal, SensorSummary, SpillBatch,
-    Store, Summary,
+    BatchId, DEFAULT_TABLE, Filter, Imported, Interrupter, Options, Refusal, SensorSummary,
+    SpillBatch, Store, Summary,
 };
 use crate::error::Error;
 use crate::reading::{Reading, unix_now};
@@ -909,7 +909,8 @@ impl Store for SqliteStore {
     /// aggregate, and a row whose `sensor_id` is not an integer in no
     /// sensor's line (with a warning saying how many). An aggregate with no
     /// number to go on is NaN.
-    fn summary(&mut self) -> Result<Summary, Error> {
+    fn summary(&mut self, filter: &Filter) -> Result<Summary, Error> {
+        let condition = filter.sql(|t| t.to_string());
         let sql_error =
             |e: rusqlite::Error| Error::database(format!("cannot read {}", self.path), cause(&e));
         let (readings, first, last, stray): (i64, Option<f64>, Option<f64>, i64) = self
@@ -918,7 +919,7 @@ impl Store for SqliteStore {
                 &format!(
                     "SELECT COUNT(*), MIN({at}), MAX({at}),
                             COUNT(*) - COUNT(CASE WHEN typeof(sensor_id) = 'integer' THEN 1 END)
-                     FROM {DEFAULT_TABLE}",
+                     FROM {DEFAULT_TABLE} WHERE {condition}",
                     at = numeric("ingested_at")
                 ),
                 [],
@@ -937,9 +938,10 @@ impl Store for SqliteStore {
             .conn
             .prepare(&format!(
                 "SELECT sensor_id, COUNT(*), MIN({t}), AVG({t}), MAX({t}),
-                        MIN({h}), AVG({h}), MAX({h})
-                 FROM {DEFAULT_TABLE} WHERE typeof(sensor_id) = 'integer'
-                 GROUP BY sensor_id ORDER BY sensor_id"
+                        MIN({h}), AVG({h}), MAX({h}), MAX({at})
+                 FROM {DEFAULT_TABLE} WHERE typeof(sensor_id) = 'integer' AND {condition}
+                 GROUP BY sensor_id ORDER BY sensor_id",
+                at = numeric("ingested_at")
             ))
             .map_err(sql_error)?;
         let per_sensor = statement

@@ -195,3 +195,40 @@ fn suppressed_warnings_are_reported_without_a_later_one() {
     let line = server.wait_for_line("shutdown complete:", EXIT);
     assert!(line.contains("rejected=9 (not_json=9)"), "{line}");
 }
+
+/// The demo, run as a user would with a short DEMO_SECONDS: it stores what
+/// the sensor sent, exits 0, and ends with the compact summary.
+#[test]
+fn demo_ends_with_the_compact_summary() {
+    let scratch = Scratch::new();
+    let port = {
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port().to_string()
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .env("SENSORD_BIN", bin())
+        .env("DEMO_SECONDS", "2")
+        .env("DEMO_PORT", &port)
+        .current_dir(scratch.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("shutdown complete:"), "{stderr}");
+    assert!(
+        stdout.contains("demo: server exited with status 0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("busiest of"), "{stdout}");
+    let table_rows = stdout
+        .lines()
+        .skip_while(|l| !l.contains("sensor  readings"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .count();
+    assert_eq!(table_rows, 10, "{stdout}");
+    assert!(row_count(&scratch.db) > 50, "two seconds at 100 readings/s");
+}

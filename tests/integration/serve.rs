@@ -337,3 +337,62 @@ fn client_sends_count_readings_in_range() {
         assert!(row.ingested_at <= row.received_at);
     }
 }
+
+/// `stats --limit`, `--sensor` and `--since` select what a fleet owner asks
+/// first: the busiest sensors, one sensor, the last stretch of time; JSON
+/// puts the totals before the per-sensor array, with `last_seen`.
+#[test]
+fn stats_filters_and_limits() {
+    let scratch = Scratch::new();
+    let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    // Sensor i sends i readings; sensor 9's are two days old.
+    let datagrams: Vec<String> = (1..=9)
+        .flat_map(|id| {
+            let at = if id == 9 { now - 2.0 * 86_400.0 } else { now - 60.0 };
+            (0..id).map(move |k| {
+                format!(
+                    r#"{{"sensor_id": {id}, "temperature": {k}, "humidity": 1, "ingested_at": {at}}}"#
+                )
+            })
+        })
+        .collect();
+    send_datagrams(server.addr, &datagrams);
+    std::thread::sleep(Duration::from_millis(300));
+    server.stop_clean();
+    let db = scratch.db_arg();
+    let stats = |args: &[&str]| {
+        let out = run(&[&["stats", "--db", db][..], args].concat(), scratch.path());
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let table = stats(&["--limit", "3"]);
+    assert!(table.contains("the 3 busiest of 9 sensors:"), "{table}");
+    let shown: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.contains("sensor  readings"))
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(shown, ["9", "8", "7"], "{table}");
+    assert!(table.contains("1m ago"), "{table}");
+
+    let one = stats(&["--sensor", "4", "--json"]);
+    assert!(
+        one.find("\"readings\"").unwrap() < one.find("\"per_sensor\"").unwrap(),
+        "totals first: {one}"
+    );
+    let one: serde_json::Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(one["readings"], 4);
+    assert_eq!(one["per_sensor"][0]["sensor_id"], 4);
+    assert!((one["per_sensor"][0]["last_seen"].as_f64().unwrap() - (now - 60.0)).abs() < 1e-3);
+
+    let recent: serde_json::Value =
+        serde_json::from_str(&stats(&["--since", "1h", "--json"])).unwrap();
+    assert_eq!(recent["readings"], 36, "sensors 1-8, not the old sensor 9");
+    assert_eq!(recent["sensors"], 8);
+}

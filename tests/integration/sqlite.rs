@@ -425,7 +425,7 @@ fn stats_prints_any_stored_value() {
         .unwrap();
     assert_eq!(
         sensor_2.split_whitespace().collect::<Vec<_>>(),
-        ["2", "1", "-", "-", "-", "-", "-", "-"],
+        ["2", "1", "-", "-", "-", "-", "-", "-", "-"],
         "{table}"
     );
 
