@@ -232,3 +232,52 @@ fn demo_ends_with_the_compact_summary() {
     assert_eq!(table_rows, 10, "{stdout}");
     assert!(row_count(&scratch.db) > 50, "two seconds at 100 readings/s");
 }
+
+/// The README's first commands hold: the two scripts it names exist, its
+/// bash `/dev/udp` one-liner stores a reading, and its `sqlite3` query
+/// runs (through rusqlite) and finds that reading.
+#[test]
+fn readme_commands_work() {
+    let readme = include_str!("../../README.md");
+    let root = env!("CARGO_MANIFEST_DIR");
+    for script in ["scripts/demo.sh", "scripts/test.sh"] {
+        assert!(readme.contains(script), "README names {script}");
+        assert!(std::path::Path::new(root).join(script).exists(), "{script}");
+    }
+
+    let scratch = Scratch::new();
+    let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
+    let one_liner = readme
+        .lines()
+        .find(|l| l.contains("> /dev/udp/"))
+        .expect("README has a /dev/udp one-liner");
+    let command = one_liner.split("   #").next().unwrap().replace(
+        "127.0.0.1/12345",
+        &format!("127.0.0.1/{}", server.addr.port()),
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &command])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{command}: {out:?}");
+    thread::sleep(Duration::from_millis(300));
+    server.stop_clean();
+    assert_eq!(row_count(&scratch.db), 1);
+
+    // The query between the quotes of `sqlite3 sensors.db "..."`.
+    let start = readme
+        .find("sqlite3 sensors.db \"")
+        .expect("README has a sqlite3 query")
+        + "sqlite3 sensors.db \"".len();
+    let query = &readme[start..start + readme[start..].find('"').unwrap()];
+    let conn = rusqlite::Connection::open(&scratch.db).unwrap();
+    let found: Vec<(String, f64, f64)> = conn
+        .prepare(query)
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(found.len(), 1, "{query}");
+    assert_eq!((found[0].1, found[0].2), (21.5, 40.2));
+}
