@@ -46,6 +46,11 @@ pub struct Ledger {
     /// them as drops, which the shutdown line reports as `unread`. Zero
     /// while running.
     pub drops_at_stop: AtomicU64,
+    /// The fullest the socket's receive buffer was seen since the last
+    /// stats line, in thousandths (sampled before each read).
+    pub buffer_peak: AtomicU64,
+    /// The same over the whole run.
+    pub buffer_peak_run: AtomicU64,
 }
 
 /// A point-in-time copy of the ledger, plus the socket's kernel drop counter.
@@ -69,6 +74,9 @@ pub struct Counts {
     pub unread: u64,
     /// Rejections by reason, indexed by `Rejection::index`.
     pub rejected_by_reason: [u64; Rejection::KINDS],
+    /// The receive buffer's fullest, in thousandths: since the last stats
+    /// line in the stats line, over the run in the shutdown line.
+    pub buffer_peak: u64,
 }
 
 impl Ledger {
@@ -109,9 +117,25 @@ impl Ledger {
             kernel_drops,
             unread: unread + get(&self.discarded),
             rejected_by_reason: self.rejected_by_reason.each_ref().map(get),
+            buffer_peak: get(&self.buffer_peak_run).max(get(&self.buffer_peak)),
         }
         .with_queued()
     }
+
+    /// `snapshot`, with the buffer's peak since the last call of this (for
+    /// the periodic stats line), which starts a new period.
+    pub fn period_snapshot(&self, kernel_drops: u64) -> Counts {
+        let mut counts = self.snapshot(kernel_drops);
+        let peak = self.buffer_peak.swap(0, Ordering::Relaxed);
+        self.buffer_peak_run.fetch_max(peak, Ordering::Relaxed);
+        counts.buffer_peak = peak;
+        counts
+    }
+}
+
+/// Thousandths as a percentage with one decimal: `93.5`.
+pub fn percent(thousandths: u64) -> String {
+    format!("{}.{}", thousandths / 10, thousandths % 10)
 }
 
 impl Counts {
@@ -147,7 +171,7 @@ impl fmt::Display for Counts {
         write!(
             f,
             "received={} accepted={} rejected={}{} denied={} persisted={} queued={} \
-             dead_letter={} kernel_drops={}",
+             dead_letter={} kernel_drops={} buffer_peak={}%",
             self.received,
             self.accepted,
             self.rejected,
@@ -156,7 +180,8 @@ impl fmt::Display for Counts {
             self.persisted,
             self.queued,
             self.dead_letter,
-            self.kernel_drops
+            self.kernel_drops,
+            percent(self.buffer_peak)
         )
     }
 }

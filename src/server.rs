@@ -47,7 +47,7 @@ impl Outcome {
         format!(
             "shutdown complete: received={} accepted={} rejected={}{} persisted={} \
              flushed_at_shutdown={} spilled={} dead_letter={} lost={} denied={} \
-             kernel_drops={} unread={}",
+             kernel_drops={} unread={} buffer_peak={}%",
             c.received,
             c.accepted,
             c.rejected,
@@ -59,7 +59,8 @@ impl Outcome {
             c.lost,
             c.denied,
             c.kernel_drops,
-            c.unread
+            c.unread,
+            crate::ledger::percent(c.buffer_peak)
         )
     }
 
@@ -145,7 +146,7 @@ pub fn run(
             next_stats += config.stats_interval;
             info!(
                 "stats: {}",
-                ledger.snapshot(receiver::kernel_drops(&counter_socket))
+                ledger.period_snapshot(receiver::kernel_drops(&counter_socket))
             );
         }
     }
