@@ -15,19 +15,25 @@
 //! - `spill`: the spill file written when the final flush cannot commit,
 //!   and its replay at start.
 //! - `server`: `sensord serve`, wiring the above to a socket and a store.
+//! - `http`: `--http`, the `/metrics` and `/health` pages (thread `http`).
+//!   It reads counters, and never writes.
+//! - `retention`: `--retain`, deleting old readings through a store
+//!   connection of its own (thread `retention`).
 //! - `client`, `stats`: `sensord send` and `sensord stats`.
 //! - `ledger`, `shutdown`, `error`: counters, the stop trigger, the error type.
 //!
-//! Dependencies flow one way: main → server/client/stats → receiver/persister
-//! → store/spill/reading → error.
+//! Dependencies flow one way: main → server/client/stats → http/receiver/
+//! persister/retention → store/spill/reading/ledger → error.
 
 pub mod client;
 pub mod datagrams;
 pub mod error;
+pub mod http;
 pub mod ledger;
 pub mod persister;
 pub mod reading;
 pub mod receiver;
+pub mod retention;
 pub mod server;
 pub mod shutdown;
 pub mod spill;

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use log::{error, info};
 
 use crate::error::Error;
+use crate::http;
 use crate::ledger::{Counts, Ledger};
 use crate::persister::{BatchConfig, Persister, Shared};
 use crate::receiver::{self, Cidr, Receiver};
+use crate::retention;
 use crate::shutdown::{FlushReport, Shutdown, ShutdownGuard, Worker};
 use crate::spill::Spill;
 use crate::store::Store;
@@ -33,6 +35,19 @@ pub struct Config {
     pub busy_timeout: Duration,
 }
 
+/// What runs beside ingest, made ready by the caller at start so that a
+/// port in use or an unreachable database fails before anything runs.
+#[derive(Default)]
+pub struct Ops {
+    /// `--http`: the bound listener to serve `/metrics` and `/health` on.
+    pub http: Option<http::Listener>,
+    /// `--retain`: how long readings are kept, and the store connection
+    /// that deletes the older ones.
+    pub retention: Option<(Duration, Box<dyn Store>)>,
+    /// Spill files imported at start, for `/metrics`.
+    pub spill_files_replayed: u64,
+}
+
 /// What a run did, for the shutdown line and the exit code.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -47,7 +62,7 @@ impl Outcome {
         format!(
             "shutdown complete: received={} accepted={} rejected={}{} persisted={} \
              flushed_at_shutdown={} spilled={} dead_letter={} lost={} denied={} \
-             kernel_drops={} unread={} buffer_peak={}%",
+             kernel_drops={} unread={} buffer_peak={}% expired={}",
             c.received,
             c.accepted,
             c.rejected,
@@ -60,7 +75,8 @@ impl Outcome {
             c.denied,
             c.kernel_drops,
             c.unread,
-            crate::ledger::percent(c.buffer_peak)
+            crate::ledger::percent(c.buffer_peak),
+            c.expired
         )
     }
 
@@ -79,15 +95,14 @@ pub fn run(
     store: Box<dyn Store>,
     spill: Spill,
     config: Config,
+    ops: Ops,
     shutdown: Shutdown,
 ) -> Result<Outcome, Error> {
     let ledger = Arc::new(Ledger::default());
+    Ledger::add(&ledger.spill_files_replayed, ops.spill_files_replayed);
     let chunk = CHUNK.min(config.queue_capacity.max(1));
     let (tx, rx) = crossbeam_channel::bounded((config.queue_capacity / chunk).max(1));
-    let counter_socket = socket.try_clone().map_err(|source| Error::Io {
-        what: "clone the socket",
-        source,
-    })?;
+    let counter_socket = socket_clone(&socket)?;
     let local = socket.local_addr().map_err(|source| Error::Io {
         what: "read the bound address",
         source,
@@ -123,6 +138,25 @@ pub fn run(
         info!("accepting datagrams only from {}", list.join(", "));
     }
     info!("listening on {local}");
+    // Both stop after the final flush: /health says "stopping" meanwhile,
+    // and the retention connection closes before the persister's, whose
+    // close then empties and removes the WAL.
+    let http = match ops.http {
+        Some(listener) => {
+            let socket = socket_clone(&counter_socket)?;
+            let sources = http::Sources {
+                ledger: Arc::clone(&ledger),
+                socket,
+                shutdown: shutdown.clone(),
+            };
+            Some(http::start(listener, sources)?)
+        }
+        None => None,
+    };
+    let retention = match ops.retention {
+        Some((retain, store)) => Some(retention::start(store, retain, Arc::clone(&ledger))?),
+        None => None,
+    };
 
     let mut next_stats = Instant::now() + config.stats_interval;
     let stats_on = !config.stats_interval.is_zero();
@@ -140,6 +174,9 @@ pub fn run(
             || guard.receiver.as_ref().is_some_and(Worker::finished)
         {
             error!("a worker thread stopped unexpectedly; shutting down");
+            ledger
+                .worker_stopped
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             break;
         }
         if stats_on && Instant::now() >= next_stats {
@@ -151,7 +188,16 @@ pub fn run(
         }
     }
     info!("stopping: reading what the socket holds, then flushing what is queued");
+    drop(retention);
     let flush = guard.finish();
     let counts = ledger.snapshot(receiver::kernel_drops(&counter_socket));
+    drop(http);
     Ok(Outcome { counts, flush })
+}
+
+fn socket_clone(socket: &UdpSocket) -> Result<UdpSocket, Error> {
+    socket.try_clone().map_err(|source| Error::Io {
+        what: "clone the socket",
+        source,
+    })
 }
