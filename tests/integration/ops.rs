@@ -306,7 +306,14 @@ fn retention_deletes_old_readings_and_counts_them() {
     let scratch = Scratch::new();
     let mut server = Server::start(
         scratch.path(),
-        &["--db", scratch.db_arg(), "--retain", "2s"],
+        &[
+            "--db",
+            scratch.db_arg(),
+            "--retain",
+            "2s",
+            "--stats-interval",
+            "50ms",
+        ],
     );
     let hour_ago = now() - 3600.0;
     // Ahead of the clock (a sensor's clock may be), so within the horizon
@@ -317,6 +324,7 @@ fn retention_deletes_old_readings_and_counts_them() {
         .collect();
     let recent: Vec<String> = (0..500).map(|i| reading_at(i % 70, ahead)).collect();
     send_datagrams(server.addr, old.iter().chain(&recent));
+    server.wait_for_count("persisted", 3500, EXIT);
     let deadline = Instant::now() + EXIT;
     while rows(&scratch.db).len() != 500 {
         assert!(
