@@ -20,7 +20,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 # The schema, as sensord creates it, then the backlog.
 "$bin" serve --bind 127.0.0.1:0 --db "$work/base.db" 2>"$work/base.log" &
-until grep -q "listening on" "$work/base.log"; do sleep 0.1; done
+until grep -qs "listening on" "$work/base.log"; do sleep 0.1; done
 kill -TERM $! && wait $!
 sqlite3 "$work/base.db" "
     WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < $BACKLOG - 1)
@@ -39,7 +39,7 @@ run() {
     local before; before=$(size "$db")
     "$bin" serve --bind 127.0.0.1:0 --db "$db" --stats-interval 100ms "$@" 2>"$log" &
     local pid=$!
-    until grep -q "listening on" "$log"; do sleep 0.1; done
+    until grep -qs "listening on" "$log"; do sleep 0.1; done
     local port; port=$(grep -o "listening on 127.0.0.1:[0-9]*" "$log" | cut -d: -f2)
     local start; start=$(date +%s.%N)
     "$bin" send --to "127.0.0.1:$port" --interval 0 --count "$N" 2>/dev/null
