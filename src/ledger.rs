@@ -244,7 +244,7 @@ impl fmt::Display for Counts {
         write!(
             f,
             "received={} accepted={} rejected={}{} denied={} persisted={} queued={} \
-             dead_letter={} kernel_drops={} buffer_peak={}% expired={}",
+             dead_letter={} kernel_drops={} expired={} buffer_peak={}%",
             self.received,
             self.accepted,
             self.rejected,
@@ -254,8 +254,8 @@ impl fmt::Display for Counts {
             self.queued,
             self.dead_letter,
             self.kernel_drops,
-            percent(self.buffer_peak),
-            self.expired
+            self.expired,
+            percent(self.buffer_peak)
         )
     }
 }

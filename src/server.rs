@@ -62,7 +62,7 @@ impl Outcome {
         format!(
             "shutdown complete: received={} accepted={} rejected={}{} persisted={} \
              flushed_at_shutdown={} spilled={} dead_letter={} lost={} denied={} \
-             kernel_drops={} unread={} buffer_peak={}% expired={}",
+             kernel_drops={} unread={} expired={} buffer_peak={}%",
             c.received,
             c.accepted,
             c.rejected,
@@ -75,8 +75,8 @@ impl Outcome {
             c.denied,
             c.kernel_drops,
             c.unread,
-            crate::ledger::percent(c.buffer_peak),
-            c.expired
+            c.expired,
+            crate::ledger::percent(c.buffer_peak)
         )
     }
 
