@@ -272,7 +272,7 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
         stop: Some(shutdown.clone()),
         password_file: args.db_password_file,
     };
-    let (store, replayed) = start_up(
+    let (store, replayed) = server::start_up(
         &args.db,
         &options,
         &spill,
@@ -313,75 +313,6 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
     } else {
         error!("exiting with status 1: not everything received is in the database");
         Ok(ExitCode::FAILURE)
-    }
-}
-
-/// Opens the store and imports a spill file left by an earlier run (what
-/// it imported is returned with the store). A
-/// stop request meanwhile interrupts the database work, leaves the spill
-/// file as it was (its import is one transaction), and ends start-up.
-fn start_up(
-    db: &str,
-    options: &store::Options,
-    spill: &Spill,
-    skip_bad_spill_lines: bool,
-    shutdown: &Shutdown,
-) -> Result<(Box<dyn store::Store>, spill::Replayed), Error> {
-    let stopped = |phase: &str| {
-        Error::Config(format!(
-            "stopped during start-up ({phase}); nothing was imported and the spill file, if \
-             any, is kept"
-        ))
-    };
-    let mut store = store::open(db, options).map_err(|e| {
-        if shutdown.requested() {
-            stopped("opening the database")
-        } else {
-            e
-        }
-    })?;
-    if shutdown.requested() {
-        return Err(stopped("opening the database"));
-    }
-    let replayed = {
-        let _watch = InterruptOnStop::start(shutdown.clone(), store.interrupter());
-        spill.replay(store.as_mut(), skip_bad_spill_lines)
-    };
-    match replayed {
-        Err(_) if shutdown.requested() => Err(stopped("replaying the spill file")),
-        Err(e) => Err(e),
-        Ok(_) if shutdown.requested() => Err(Error::Config(
-            "stopped during start-up, after the spill file was imported".into(),
-        )),
-        Ok(replayed) => Ok((store, replayed)),
-    }
-}
-
-/// While it lives, a thread interrupts the store as soon as a stop is
-/// requested (and again every 50 ms, as an interrupt between two
-/// statements is lost). Dropping it ends the thread.
-struct InterruptOnStop {
-    _done: crossbeam_channel::Sender<()>,
-}
-
-impl InterruptOnStop {
-    fn start(shutdown: Shutdown, interrupt: store::Interrupter) -> Self {
-        let (done, until) = crossbeam_channel::bounded::<()>(0);
-        let spawned = std::thread::Builder::new()
-            .name("start-up".into())
-            .spawn(move || {
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    until.recv_timeout(Duration::from_millis(50))
-                {
-                    if shutdown.requested() {
-                        interrupt();
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            warn!("cannot watch for stop requests during start-up: {e}");
-        }
-        InterruptOnStop { _done: done }
     }
 }
 

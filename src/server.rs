@@ -1,12 +1,13 @@
 //! `sensord serve`: wires the receiver and persister threads to a socket
 //! and a store, logs counters while they run, and hands over to the
-//! shutdown guard when asked to stop.
+//! shutdown guard when asked to stop. `start_up` opens the store and replays
+//! a spill file before that, interruptibly.
 
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{error, info};
+use log::{error, info, warn};
 
 use crate::error::Error;
 use crate::http;
@@ -200,4 +201,73 @@ fn socket_clone(socket: &UdpSocket) -> Result<UdpSocket, Error> {
         what: "clone the socket",
         source,
     })
+}
+
+/// Opens the store and imports a spill file left by an earlier run, and
+/// returns both. A stop request meanwhile interrupts the database work,
+/// leaves the spill file as it was (its import is one transaction), and
+/// ends start-up.
+pub fn start_up(
+    db: &str,
+    options: &crate::store::Options,
+    spill: &Spill,
+    skip_bad_spill_lines: bool,
+    shutdown: &Shutdown,
+) -> Result<(Box<dyn Store>, crate::spill::Replayed), Error> {
+    let stopped = |phase: &str| {
+        Error::Config(format!(
+            "stopped during start-up ({phase}); nothing was imported and the spill file, if \
+             any, is kept"
+        ))
+    };
+    let mut store = crate::store::open(db, options).map_err(|e| {
+        if shutdown.requested() {
+            stopped("opening the database")
+        } else {
+            e
+        }
+    })?;
+    if shutdown.requested() {
+        return Err(stopped("opening the database"));
+    }
+    let replayed = {
+        let _watch = InterruptOnStop::start(shutdown.clone(), store.interrupter());
+        spill.replay(store.as_mut(), skip_bad_spill_lines)
+    };
+    match replayed {
+        Err(_) if shutdown.requested() => Err(stopped("replaying the spill file")),
+        Err(e) => Err(e),
+        Ok(_) if shutdown.requested() => Err(Error::Config(
+            "stopped during start-up, after the spill file was imported".into(),
+        )),
+        Ok(replayed) => Ok((store, replayed)),
+    }
+}
+
+/// While it lives, a thread interrupts the store as soon as a stop is
+/// requested (and again every 50 ms, as an interrupt between two
+/// statements is lost). Dropping it ends the thread.
+struct InterruptOnStop {
+    _done: crossbeam_channel::Sender<()>,
+}
+
+impl InterruptOnStop {
+    fn start(shutdown: Shutdown, interrupt: crate::store::Interrupter) -> Self {
+        let (done, until) = crossbeam_channel::bounded::<()>(0);
+        let spawned = std::thread::Builder::new()
+            .name("start-up".into())
+            .spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    until.recv_timeout(Duration::from_millis(50))
+                {
+                    if shutdown.requested() {
+                        interrupt();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot watch for stop requests during start-up: {e}");
+        }
+        InterruptOnStop { _done: done }
+    }
 }
