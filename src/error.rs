@@ -60,6 +60,12 @@ pub fn io_cause(err: &io::Error) -> String {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Error::Bind { addr, source } if source.kind() == io::ErrorKind::AddrInUse => write!(
+                f,
+                "cannot bind {addr}: {}; another process has this port (`ss -ulpn` shows \
+                 which), so stop it or choose another with --bind",
+                io_cause(source)
+            ),
             Error::Bind { addr, source } => write!(f, "cannot bind {addr}: {}", io_cause(source)),
             Error::Io { what, source } => write!(f, "cannot {what}: {}", io_cause(source)),
             Error::Open { db, cause } => write!(f, "cannot open database {db}: {cause}"),

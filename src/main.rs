@@ -17,9 +17,12 @@ use sensord::server::{self, Config};
 use sensord::spill::{self, Spill};
 use sensord::{Error, Shutdown, stats, store};
 
+/// The version and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SENSORD_BUILD"), ")");
+
 /// Collects JSON sensor readings over UDP and stores every one of them.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,7 +34,7 @@ impl Cli {
         let (db, table) = match &self.command {
             Command::Serve(args) => (&args.db, &args.table),
             Command::Stats(args) => (&args.db, &args.table),
-            Command::Send(_) => return None,
+            Command::Send(_) | Command::Completions { .. } | Command::Man => return None,
         };
         (!store::is_url(db) && table != store::DEFAULT_TABLE).then(|| {
             format!(
@@ -50,6 +53,13 @@ enum Command {
     Send(SendArgs),
     /// Print totals and per-sensor aggregates of a database.
     Stats(StatsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `sensord man > sensord.1`.
+    Man,
 }
 
 #[derive(clap::Args)]
@@ -194,6 +204,24 @@ fn main() -> ExitCode {
         Command::Send(args) => register_signals().and_then(|shutdown| send(args, &shutdown)),
         // Nothing to flush: the default action of SIGINT ends it at once.
         Command::Stats(args) => show_stats(&args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "sensord",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Io {
+                    what: "write the man page",
+                    source: e,
+                }),
+                _ => Ok(ExitCode::SUCCESS),
+            }
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e}");

@@ -43,11 +43,10 @@ pub fn write_table(summary: &Summary, out: &mut impl Write) -> io::Result<()> {
             "span:     {} .. {} ({})",
             timestamp(first),
             timestamp(last),
-            humantime::format_duration(std::time::Duration::from_secs_f64(
-                (last - first).max(0.0).round()
-            ))
+            duration(last - first)
         )?,
-        None => writeln!(out, "span:     (no readings)")?,
+        None if summary.readings == 0 => writeln!(out, "span:     (no readings)")?,
+        None => writeln!(out, "span:     (no ingested_at is a number)")?,
     }
     if summary.per_sensor.is_empty() {
         return Ok(());
@@ -62,19 +61,66 @@ pub fn write_table(summary: &Summary, out: &mut impl Write) -> io::Result<()> {
         let (t, h) = (&s.temperature, &s.humidity);
         writeln!(
             out,
-            "{:>10} {:>9}  {:>8.2} {:>8.2} {:>8.2}  {:>8.2} {:>8.2} {:>8.2}",
-            s.sensor_id, s.readings, t.min, t.avg, t.max, h.min, h.avg, h.max
+            "{:>10} {:>9}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}",
+            s.sensor_id,
+            s.readings,
+            number(t.min),
+            number(t.avg),
+            number(t.max),
+            number(h.min),
+            number(h.avg),
+            number(h.max)
         )?;
     }
     Ok(())
 }
 
-/// Unix seconds as RFC 3339 UTC, or the raw number where out of range.
+/// The latest time RFC 3339 (and humantime) can write: 9999-12-31T23:59:59.
+const LAST_RFC3339_SECOND: f64 = 253_402_300_799.0;
+
+/// Unix seconds as RFC 3339 UTC, or the raw number where out of range: any
+/// value another program wrote must print.
 fn timestamp(seconds: f64) -> String {
-    let time =
-        std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs_f64(seconds.max(0.0)));
+    if !(0.0..=LAST_RFC3339_SECOND).contains(&seconds) {
+        return raw(seconds);
+    }
+    let time = std::time::Duration::try_from_secs_f64(seconds)
+        .ok()
+        .and_then(|d| std::time::UNIX_EPOCH.checked_add(d));
     match time {
         Some(t) => humantime::format_rfc3339_millis(t).to_string(),
-        None => seconds.to_string(),
+        None => raw(seconds),
+    }
+}
+
+/// A span of seconds in words, or the raw number of seconds where too long
+/// for a `Duration` (times far out of range, or infinite).
+fn duration(seconds: f64) -> String {
+    match std::time::Duration::try_from_secs_f64(seconds.max(0.0).round()) {
+        Ok(d) => humantime::format_duration(d).to_string(),
+        Err(_) => format!("{} s", raw(seconds)),
+    }
+}
+
+/// A number as written in code, in scientific notation where its digits
+/// would not fit a line (1e300 rather than 301 digits).
+fn raw(value: f64) -> String {
+    if value.abs() < 1e16 {
+        value.to_string()
+    } else {
+        format!("{value:e}")
+    }
+}
+
+/// A measurement for the table: two decimals where that fits the column,
+/// else scientific notation; "-" for NaN, which a store gives where it had
+/// no number to aggregate.
+fn number(value: f64) -> String {
+    if value.is_nan() {
+        "-".to_string()
+    } else if value.is_infinite() || value.abs() < 1e6 {
+        format!("{value:.2}")
+    } else {
+        format!("{value:.2e}")
     }
 }

@@ -1,27 +1,43 @@
 //! The embedded default: one SQLite file in WAL mode.
+//!
+//! Each batch is one transaction: a row in `sensord_batches` naming the
+//! batch (so a batch is never written twice, as in PostgreSQL), then the
+//! readings. A reading the database refuses for good is found by bisection
+//! under savepoints and handed back; the rest commit. Before and after each
+//! write the store checks that its path still names the file it opened, and
+//! recreates the file there if it was deleted or replaced.
 
 use std::ffi::c_int;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, error, info, warn};
 use rusqlite::hooks::Wal;
 use rusqlite::wal::CheckpointMode;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{
+    Connection, ErrorCode, InterruptHandle, OpenFlags, OptionalExtension, Savepoint,
+    TransactionBehavior, params,
+};
 
 use super::{
-    BatchId, Imported, Interrupter, Options, Refusal, SensorSummary, SpillBatch, Store, Summary,
-    per_sensor_sql,
+    BatchId, DEFAULT_TABLE, Imported, Interrupter, Options, Refusal, SensorSummary, SpillBatch,
+    Store, Summary,
 };
 use crate::error::Error;
 use crate::reading::{Reading, unix_now};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// 1: measurements and spill imports; 2: `sensord_batches` added.
+const SCHEMA_VERSION: i64 = 2;
 
+/// Every statement is idempotent, so upgrading a file of any older version
+/// (or of version 0 whose tables exist) is running it again.
+/// `sensord_batches` is WITHOUT ROWID so that its key is its only B-tree:
+/// a batch's id costs one more page in the commit, not two.
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS sensor_measurements (
         sensor_id   INTEGER NOT NULL,
@@ -37,7 +53,31 @@ const SCHEMA: &str = "
         readings    INTEGER NOT NULL,
         imported_at REAL    NOT NULL
     );
+    CREATE TABLE IF NOT EXISTS sensord_batches (
+        run          INTEGER NOT NULL,
+        seq          INTEGER NOT NULL,
+        committed_at REAL    NOT NULL,
+        PRIMARY KEY (run, seq)
+    ) WITHOUT ROWID;
 ";
+
+/// The columns sensord writes, and the type affinity each needs: SQLite
+/// converts a value to its column's affinity, so a REAL value in a column
+/// of another affinity could come back as text or an integer.
+const COLUMNS: [(&str, &str); 5] = [
+    ("sensor_id", "INTEGER"),
+    ("temperature", "REAL"),
+    ("humidity", "REAL"),
+    ("ingested_at", "REAL"),
+    ("received_at", "REAL"),
+];
+
+/// Batch ids of this run kept in `sensord_batches` besides the newest, as in
+/// PostgreSQL: only the newest can be in doubt.
+const KEPT_BATCH_IDS: u64 = 16;
+/// Rows of `sensord_batches` older than this, from any run, are pruned when
+/// a store opens.
+const BATCH_ID_RETENTION_SECONDS: f64 = 7.0 * 86_400.0;
 
 /// Rows per INSERT statement. One statement run opens and closes its
 /// cursors once for all its rows: a quarter off the final flush of a
@@ -49,9 +89,11 @@ static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSE
 static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
 
 /// `INSERT ... VALUES (?, ?, ?, ?, ?), ...` with `rows` rows. OR FAIL, as
-/// no constraint can fail on validated readings, spares SQLite the
-/// statement journal it keeps to undo half a multi-row statement; any
-/// error still rolls the whole batch back.
+/// no constraint can fail on validated readings in sensord's own table,
+/// spares SQLite the statement journal it keeps to undo half a multi-row
+/// statement. A failure leaves the statement's earlier rows in place, so
+/// the fast path drops the whole transaction on any error, and bisection
+/// runs each slice under a savepoint whose rollback undoes them.
 fn insert_sql(rows: usize) -> String {
     let values = vec!["(?, ?, ?, ?, ?)"; rows].join(", ");
     format!(
@@ -60,10 +102,35 @@ fn insert_sql(rows: usize) -> String {
     )
 }
 
+/// Whether a failed write is *permanent*: caused by the values of the rows
+/// written, so retrying the same rows cannot help but other rows may
+/// succeed. Those codes are SQLITE_CONSTRAINT with all its extended codes
+/// (CHECK, NOT NULL, UNIQUE, PRIMARY KEY, FOREIGN KEY, a trigger's
+/// `RAISE(ABORT, ...)`), SQLITE_MISMATCH (datatype mismatch), SQLITE_TOOBIG
+/// (a value over the size limit) and SQLITE_RANGE (a bind index out of
+/// range). Everything else is *transient*, about the database or the
+/// machine rather than the rows: BUSY, LOCKED, IOERR, FULL, NOMEM, READONLY,
+/// CANTOPEN, PERM, PROTOCOL, INTERRUPT and ABORT, SCHEMA, CORRUPT and
+/// NOTADB, and the generic SQLITE_ERROR ("no such table", which a person
+/// must fix); they go back to the caller, which retries, rather than
+/// refusing readings that were not at fault.
+fn is_permanent(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(failure, _) if matches!(
+            failure.code,
+            ErrorCode::ConstraintViolation
+                | ErrorCode::TypeMismatch
+                | ErrorCode::TooBig
+                | ErrorCode::ParameterOutOfRange
+        )
+    )
+}
+
 /// A SQLite database file.
 pub struct SqliteStore {
     conn: Connection,
-    /// The path as given, for messages.
+    /// The path as given, for messages and to reopen it.
     path: String,
     /// How long to wait for another writer's lock before a write fails.
     busy_timeout: Duration,
@@ -71,9 +138,41 @@ pub struct SqliteStore {
     /// SQLite's own busy handler ignores `sqlite3_interrupt`, so the wait
     /// for the write lock is our loop, which watches this.
     interrupted: Arc<AtomicBool>,
+    /// Interrupts the current connection's statement; swapped on reopen.
+    interrupt: Arc<Mutex<InterruptHandle>>,
     /// The thread that copies the WAL into the database file beside the
     /// writer (see `start_checkpointer`); None for read-only use.
     checkpointer: Option<thread::JoinHandle<()>>,
+    /// The file the writer opened, to notice when its path no longer names
+    /// it; None for read-only use or a database that is not a named file.
+    opened: Option<OpenedFile>,
+    /// Set once the file was found deleted or replaced (`Store::replaced`).
+    replaced: bool,
+    /// True while `conn` is the placeholder `reopen` leaves when opening
+    /// the path again failed; the next write tries again.
+    detached: bool,
+}
+
+/// A file as the path named it when opened: `(device, inode)` stays the
+/// same for as long as the path names that file.
+#[derive(Clone, Debug, PartialEq)]
+struct OpenedFile {
+    /// The absolute path SQLite resolved.
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl OpenedFile {
+    fn of(conn: &Connection) -> Option<Self> {
+        let path = PathBuf::from(conn.path().filter(|p| !p.is_empty())?);
+        let id = file_id(&path).ok()?;
+        Some(OpenedFile { path, id })
+    }
+}
+
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// WAL size, in pages, from which a commit asks for a checkpoint: 40 MiB,
@@ -135,6 +234,60 @@ fn start_checkpointer(
     Ok(thread)
 }
 
+/// Opens (creating if missing) the file at `path` for writing, checks or
+/// migrates its schema, and starts its checkpointer.
+fn open_writer(
+    path: &str,
+    busy_timeout: Duration,
+) -> Result<(Connection, thread::JoinHandle<()>), Error> {
+    let open_error = |e: rusqlite::Error| Error::Open {
+        db: path.to_string(),
+        cause: cause(&e),
+    };
+    let mut conn = Connection::open(path).map_err(open_error)?;
+    // SQLite counts the timeout in milliseconds in an i32 (24 days); a
+    // longer wait is as good as forever for the schema lock.
+    conn.busy_timeout(busy_timeout.min(Duration::from_millis(i32::MAX as u64)))
+        .map_err(open_error)?;
+    // WAL lets readers (sqlite3, `sensord stats`) work while we write;
+    // NORMAL syncs at checkpoints, not every commit, which WAL keeps safe
+    // against corruption (a power cut can lose only the last commits).
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(open_error)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Open {
+            db: path.to_string(),
+            cause: format!("cannot switch from journal mode {mode} to WAL"),
+        });
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(open_error)?;
+    // 16 MiB of page cache holds the index pages a sorted batch touches
+    // (a few leaves per sensor) with room to spare: 32 MiB inserted no
+    // faster. It is most of the daemon's memory however long it runs.
+    conn.pragma_update(None, "cache_size", -16384)
+        .map_err(open_error)?;
+    migrate(&mut conn).map_err(|e| match e {
+        Migration::Sql(e) => open_error(e),
+        Migration::TooNew(version) => Error::Open {
+            db: path.to_string(),
+            cause: format!(
+                "schema version {version} is newer than this sensord supports \
+                 ({SCHEMA_VERSION})"
+            ),
+        },
+        Migration::Mismatch(cause) => Error::Open {
+            db: path.to_string(),
+            cause,
+        },
+    })?;
+    // From here on, lock waits are `begin`'s loop, which can be interrupted.
+    conn.busy_timeout(Duration::ZERO).map_err(open_error)?;
+    let checkpointer = start_checkpointer(path, &mut conn)?;
+    Ok((conn, checkpointer))
+}
+
 impl Drop for SqliteStore {
     /// Stops the checkpointer before the writer closes, so the writer is
     /// the last connection and its close checkpoints the whole WAL and
@@ -144,58 +297,44 @@ impl Drop for SqliteStore {
     }
 }
 
+/// One batch to commit: its id, if it has one, and its readings.
+#[derive(Clone, Copy)]
+struct Part<'a> {
+    /// Recorded in `sensord_batches`; a part whose id is there is skipped.
+    id: Option<BatchId>,
+    readings: &'a [Reading],
+}
+
+/// How `commit_parts` inserts readings.
+#[derive(Clone, Copy, PartialEq)]
+enum Insert {
+    /// All at once; any error fails the transaction.
+    Fast,
+    /// By bisection under savepoints, setting aside refused readings.
+    Isolating,
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the file at `path` for writing.
     pub fn open(path: &str, options: &Options) -> Result<Self, Error> {
-        let open_error = |e: rusqlite::Error| Error::Open {
-            db: path.to_string(),
-            cause: cause(&e),
-        };
-        let mut conn = Connection::open(path).map_err(open_error)?;
-        conn.busy_timeout(options.busy_timeout)
-            .map_err(open_error)?;
-        // WAL lets readers (sqlite3, `sensord stats`) work while we write;
-        // NORMAL syncs at checkpoints, not every commit, which WAL keeps safe
-        // against corruption (a power cut can lose only the last commits).
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(open_error)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::Open {
-                db: path.to_string(),
-                cause: format!("cannot switch from journal mode {mode} to WAL"),
-            });
-        }
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(open_error)?;
-        // 16 MiB of page cache holds the index pages a sorted batch touches
-        // (a few leaves per sensor) with room to spare: 32 MiB inserted no
-        // faster. It is most of the daemon's memory however long it runs.
-        conn.pragma_update(None, "cache_size", -16384)
-            .map_err(open_error)?;
-        migrate(&mut conn).map_err(|e| match e {
-            Migration::Sql(e) => open_error(e),
-            Migration::TooNew(version) => Error::Open {
-                db: path.to_string(),
-                cause: format!(
-                    "schema version {version} is newer than this sensord supports \
-                     ({SCHEMA_VERSION})"
-                ),
-            },
-        })?;
-        // From here on, lock waits are `begin`'s loop, which can be interrupted.
-        conn.busy_timeout(Duration::ZERO).map_err(open_error)?;
-        let checkpointer = start_checkpointer(path, &mut conn)?;
+        let (conn, checkpointer) = open_writer(path, options.busy_timeout)?;
         Ok(SqliteStore {
+            interrupt: Arc::new(Mutex::new(conn.get_interrupt_handle())),
+            opened: OpenedFile::of(&conn),
             conn,
             path: path.to_string(),
             busy_timeout: options.busy_timeout,
             interrupted: Arc::new(AtomicBool::new(false)),
             checkpointer: Some(checkpointer),
+            replaced: false,
+            detached: false,
         })
     }
 
-    /// Opens an existing file read-only, for `stats`.
+    /// Opens an existing file read-only, for `stats`. A file a killed
+    /// writer left mid-transaction needs its journal rolled back, which a
+    /// read-only connection cannot do; this does it, as any writer opening
+    /// the file would, and says so.
     pub fn open_existing(path: &str) -> Result<Self, Error> {
         let open_error = |cause: String| Error::Open {
             db: path.to_string(),
@@ -204,14 +343,47 @@ impl SqliteStore {
         if !Path::new(path).exists() {
             return Err(open_error("no such file".to_string()));
         }
+        // The first read of the schema is what finds a hot journal.
+        let first_read = |conn: &Connection| {
+            conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |_| Ok(()))
+        };
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| open_error(cause(&e)))?;
+        let conn = match first_read(&conn) {
+            Ok(()) => conn,
+            Err(e) if needs_writer_to_recover(&e) => {
+                info!(
+                    "{path} was left mid-transaction by a writer that was killed \
+                     ({}); recovering it as its next writer would",
+                    cause(&e)
+                );
+                let unrecoverable = |e: rusqlite::Error| {
+                    open_error(format!(
+                        "it was left mid-transaction by a writer that was killed, and \
+                         recovering it needs write access to the file and its folder ({}); \
+                         run `sensord serve --db {path}` once, or open it with sqlite3, as a \
+                         user who can write there",
+                        cause(&e)
+                    ))
+                };
+                drop(conn);
+                let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+                    .map_err(unrecoverable)?;
+                first_read(&conn).map_err(unrecoverable)?;
+                conn
+            }
+            Err(e) => return Err(open_error(cause(&e))),
+        };
         Ok(SqliteStore {
+            interrupt: Arc::new(Mutex::new(conn.get_interrupt_handle())),
             conn,
             path: path.to_string(),
             busy_timeout: Duration::from_secs(5),
             interrupted: Arc::new(AtomicBool::new(false)),
             checkpointer: None,
+            opened: None,
+            replaced: false,
+            detached: false,
         })
     }
 
@@ -219,16 +391,18 @@ impl SqliteStore {
     /// writer's lock; IMMEDIATE takes the lock up front, so a batch never
     /// waits halfway through. (EXCLUSIVE also keeps readers out, which only
     /// a rollback journal needs.)
-    fn begin(&self, behavior: TransactionBehavior) -> rusqlite::Result<rusqlite::Transaction<'_>> {
-        let deadline = Instant::now() + self.busy_timeout;
+    fn begin(&self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+        // A timeout past the end of time means no deadline.
+        let deadline = Instant::now().checked_add(self.busy_timeout);
         let mut pause = Duration::from_millis(1);
         loop {
             if self.interrupted.load(Ordering::SeqCst) {
                 return Err(interrupted_error());
             }
-            match rusqlite::Transaction::new_unchecked(&self.conn, behavior) {
+            match rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate) {
                 Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+                    if e.code == ErrorCode::DatabaseBusy
+                        && deadline.is_none_or(|d| Instant::now() < d) =>
                 {
                     thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(20));
@@ -238,20 +412,193 @@ impl SqliteStore {
         }
     }
 
-    /// Commits `readings` in one transaction begun with `behavior`.
-    fn write(&mut self, readings: &[Reading], behavior: TransactionBehavior) -> Result<(), Error> {
-        #[cfg(feature = "failpoints")]
-        fail::fail_point!("store::write_batch", |message| Err(Error::database(
-            format!("cannot write batch to {}", self.path),
-            message.unwrap_or_else(|| "injected failure".to_string())
-        )));
-        let what = || format!("cannot write {} readings to {}", readings.len(), self.path);
-        let tx = self
-            .begin(behavior)
-            .map_err(|e| Error::database(what(), cause(&e)))?;
-        Self::insert_all(&tx, readings, &self.interrupted)
-            .map_err(|e| Error::database(what(), cause(&e)))?;
-        tx.commit().map_err(|e| Error::database(what(), cause(&e)))
+    /// Commits `parts` in one transaction, with `spill_key` recorded if
+    /// given. Returns None if nothing was written because the spill key, or
+    /// (without a key) the one part's id, was already there.
+    fn commit_parts(
+        &self,
+        spill_key: Option<&str>,
+        parts: &[Part<'_>],
+        insert: Insert,
+    ) -> rusqlite::Result<Option<Imported>> {
+        let mut tx = self.begin()?;
+        if let Some(key) = spill_key {
+            let seen = tx
+                .query_row(
+                    "SELECT 1 FROM sensord_spill_imports WHERE spill_key = ?1",
+                    [key],
+                    |_| Ok(()),
+                )
+                .optional()?;
+            if seen.is_some() {
+                return Ok(None);
+            }
+        }
+        let mut refusals = Vec::new();
+        let (mut count, mut skipped) = (0, 0);
+        for part in parts {
+            if let Some(id) = part.id {
+                // Stored as INTEGER: the bits matter, not the sign.
+                let fresh = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO sensord_batches (run, seq, committed_at) \
+                         VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![id.run as i64, id.seq as i64, unix_now()])?;
+                if fresh == 0 {
+                    info!(
+                        "batch {:016x}/{} was committed by an earlier attempt; not writing it again",
+                        id.run, id.seq
+                    );
+                    if spill_key.is_none() {
+                        return Ok(None);
+                    }
+                    skipped += part.readings.len() as u64;
+                    continue;
+                }
+            }
+            match insert {
+                Insert::Fast => insert_all(&tx, part.readings, &self.interrupted)?,
+                Insert::Isolating => {
+                    let mut savepoint = tx.savepoint()?;
+                    isolate(
+                        &mut savepoint,
+                        part.readings,
+                        &self.interrupted,
+                        &mut refusals,
+                    )?;
+                    savepoint.commit()?;
+                }
+            }
+            count += part.readings.len();
+        }
+        match spill_key {
+            Some(key) => {
+                tx.execute(
+                    "INSERT INTO sensord_spill_imports (spill_key, readings, imported_at) \
+                     VALUES (?1, ?2, ?3)",
+                    params![key, (count - refusals.len()) as i64, unix_now()],
+                )?;
+            }
+            // Only a live run's own batches are pruned: a spill file's ids
+            // may be checked again by another spill file of the same run.
+            None => {
+                for id in parts.iter().filter_map(|p| p.id) {
+                    tx.prepare_cached("DELETE FROM sensord_batches WHERE run = ?1 AND seq < ?2")?
+                        .execute(params![
+                            id.run as i64,
+                            id.seq.saturating_sub(KEPT_BATCH_IDS) as i64
+                        ])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(Some(Imported {
+            stored: (count - refusals.len()) as u64,
+            skipped,
+            refused: refusals,
+        }))
+    }
+
+    /// `commit_parts`, first all at once and, if that fails for good, again
+    /// isolating the refused readings. Writes into the file at the store's
+    /// path even if it was deleted or replaced before or during the write.
+    fn write_parts(
+        &mut self,
+        spill_key: Option<&str>,
+        parts: &[Part<'_>],
+        what: &str,
+    ) -> Result<Option<Imported>, Error> {
+        let sql_error = |e: rusqlite::Error| Error::database(what, cause(&e));
+        loop {
+            self.follow_path()?;
+            let result = match self.commit_parts(spill_key, parts, Insert::Fast) {
+                Err(e) if is_permanent(&e) => {
+                    debug!("{what}: {}; isolating the refused readings", cause(&e));
+                    self.commit_parts(spill_key, parts, Insert::Isolating)
+                }
+                result => result,
+            };
+            let outcome = result.map_err(sql_error)?;
+            // Committed into a file that was deleted or replaced meanwhile:
+            // nobody will see it there, so write it again into the new one.
+            if !self.path_moved() {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// True if the store's path no longer names the file it opened.
+    fn path_moved(&self) -> bool {
+        self.moved().is_some()
+    }
+
+    /// What became of the opened file, if its path no longer names it.
+    fn moved(&self) -> Option<&'static str> {
+        let opened = self.opened.as_ref()?;
+        match file_id(&opened.path) {
+            Ok(id) if id == opened.id => None,
+            Ok(_) => Some("was replaced by another file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("was deleted"),
+            // Unknowable (a folder made unreadable, say): the open file
+            // still takes writes, so carry on.
+            Err(_) => None,
+        }
+    }
+
+    /// If the file was deleted or replaced under the store, reopens (or
+    /// recreates) the file its path names now, and marks the store
+    /// replaced.
+    fn follow_path(&mut self) -> Result<(), Error> {
+        if !self.detached {
+            let Some(happened) = self.moved() else {
+                return Ok(());
+            };
+            error!(
+                "database {} {happened} while sensord was writing to it: the readings \
+                 stored in it are not in the file at that path now; opening {} again",
+                self.path, self.path
+            );
+            self.replaced = true;
+        }
+        self.reopen()?;
+        info!("reopened database {}; writing there from now on", self.path);
+        Ok(())
+    }
+
+    /// Closes the connection and opens the path again, as `open` does.
+    fn reopen(&mut self) -> Result<(), Error> {
+        self.stop_checkpointer();
+        // The old connection closes before the path is opened again: two
+        // connections of one process to the same -shm file would not lock
+        // each other out (POSIX locks are per process). An in-memory
+        // database holds its place meanwhile.
+        let placeholder = Connection::open_in_memory().map_err(|e| Error::Open {
+            db: self.path.clone(),
+            cause: cause(&e),
+        })?;
+        let old = std::mem::replace(&mut self.conn, placeholder);
+        self.detached = true;
+        // Empties the old WAL, through the descriptor open on it: SQLite
+        // does not checkpoint a moved file at close, and a WAL left at the
+        // path would be replayed into whatever file the path names now
+        // (tested: the old rows replaced the new file's).
+        if let Err(e) = old.wal_checkpoint_v2(None::<&str>, CheckpointMode::TRUNCATE) {
+            warn!("emptying the old WAL of {}: {}", self.path, cause(&e));
+        }
+        if let Err((_, e)) = old.close() {
+            warn!("closing the old connection to {}: {}", self.path, cause(&e));
+        }
+        let (conn, checkpointer) = open_writer(&self.path, self.busy_timeout)?;
+        self.detached = false;
+        *self
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = conn.get_interrupt_handle();
+        self.opened = OpenedFile::of(&conn);
+        self.conn = conn;
+        self.checkpointer = Some(checkpointer);
+        Ok(())
     }
 
     /// Stops the checkpointer, if running, so the writer is the only
@@ -266,35 +613,81 @@ impl SqliteStore {
             .wal_hook(None::<fn(&mut Wal, c_int) -> rusqlite::Result<()>>);
         let _ = checkpointer.join();
     }
+}
 
-    /// Inserts `readings` in the open transaction `tx`, stopping early if
-    /// interrupted: `sqlite3_interrupt` alone is lost between two statements.
-    fn insert_all(
-        tx: &rusqlite::Transaction<'_>,
-        readings: &[Reading],
-        interrupted: &AtomicBool,
-    ) -> rusqlite::Result<()> {
-        let mut insert = tx.prepare_cached(&INSERT_MANY)?;
-        let mut rows = readings.chunks_exact(ROWS_PER_INSERT);
-        for (i, group) in rows.by_ref().enumerate() {
-            if i % 16 == 0 && interrupted.load(Ordering::Relaxed) {
-                return Err(interrupted_error());
-            }
-            bind_rows(&mut insert, group)?;
+/// Inserts `readings` in the open transaction on `conn`, stopping early if
+/// interrupted: `sqlite3_interrupt` alone is lost between two statements.
+fn insert_all(
+    conn: &Connection,
+    readings: &[Reading],
+    interrupted: &AtomicBool,
+) -> rusqlite::Result<()> {
+    let mut insert = conn.prepare_cached(&INSERT_MANY)?;
+    let mut rows = readings.chunks_exact(ROWS_PER_INSERT);
+    for (i, group) in rows.by_ref().enumerate() {
+        if i % 16 == 0 && interrupted.load(Ordering::Relaxed) {
+            return Err(interrupted_error());
+        }
+        bind_rows(&mut insert, group)?;
+        insert.raw_execute()?;
+    }
+    // The rest one row at a time, with a statement also compiled once:
+    // a trickle's small batches would otherwise each compile their own.
+    let rest = rows.remainder();
+    if !rest.is_empty() {
+        let mut insert = conn.prepare_cached(&INSERT_ONE)?;
+        for row in rest.chunks(1) {
+            bind_rows(&mut insert, row)?;
             insert.raw_execute()?;
         }
-        // The rest one row at a time, with a statement also compiled once:
-        // a trickle's small batches would otherwise each compile their own.
-        let rest = rows.remainder();
-        if !rest.is_empty() {
-            let mut insert = tx.prepare_cached(&INSERT_ONE)?;
-            for row in rest.chunks(1) {
-                bind_rows(&mut insert, row)?;
-                insert.raw_execute()?;
-            }
-        }
-        Ok(())
     }
+    Ok(())
+}
+
+/// Inserts `readings` under `savepoint` (taken just before), setting aside
+/// the ones the database refuses: a slice that fails for good is rolled
+/// back to the savepoint and its halves tried under savepoints of their
+/// own; a single reading that fails becomes a refusal.
+fn isolate(
+    savepoint: &mut Savepoint<'_>,
+    readings: &[Reading],
+    interrupted: &AtomicBool,
+    refusals: &mut Vec<Refusal>,
+) -> rusqlite::Result<()> {
+    if interrupted.load(Ordering::Relaxed) {
+        return Err(interrupted_error());
+    }
+    let e = match insert_all(savepoint, readings, interrupted) {
+        Err(e) if is_permanent(&e) => e,
+        other => return other,
+    };
+    if savepoint.is_autocommit() {
+        // The savepoints went with the transaction: nothing to bisect in.
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+            Some(format!(
+                "{}, and that rolled back the whole transaction (a trigger's \
+                 RAISE(ROLLBACK)?), so the refused reading cannot be set aside; \
+                 RAISE(ABORT) refuses one reading",
+                cause(&e)
+            )),
+        ));
+    }
+    savepoint.rollback()?;
+    if let [reading] = readings {
+        refusals.push(Refusal {
+            reading: *reading,
+            cause: cause(&e),
+        });
+        return Ok(());
+    }
+    let (low, high) = readings.split_at(readings.len() / 2);
+    for half in [low, high] {
+        let mut inner = savepoint.savepoint()?;
+        isolate(&mut inner, half, interrupted, refusals)?;
+        inner.commit()?;
+    }
+    Ok(())
 }
 
 /// Binds `rows` to the parameters of an INSERT made by `insert_sql`.
@@ -317,13 +710,28 @@ fn interrupted_error() -> rusqlite::Error {
     )
 }
 
+/// True for the errors a read-only connection gets where a killed writer
+/// left a hot rollback journal or a WAL index to rebuild.
+fn needs_writer_to_recover(e: &rusqlite::Error) -> bool {
+    use rusqlite::ffi::{SQLITE_READONLY_RECOVERY, SQLITE_READONLY_ROLLBACK};
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == SQLITE_READONLY_ROLLBACK
+                || f.extended_code == SQLITE_READONLY_RECOVERY
+    )
+}
+
 enum Migration {
     Sql(rusqlite::Error),
     TooNew(i64),
+    /// The existing measurements table cannot take sensord's rows.
+    Mismatch(String),
 }
 
-/// Creates or upgrades the schema under a write lock, so several processes
-/// opening a new file at once do it once.
+/// Checks, creates or upgrades the schema under a write lock, so several
+/// processes opening a new file at once do it once, and prunes old batch
+/// ids.
 fn migrate(conn: &mut Connection) -> Result<(), Migration> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -334,12 +742,108 @@ fn migrate(conn: &mut Connection) -> Result<(), Migration> {
     if version > SCHEMA_VERSION {
         return Err(Migration::TooNew(version));
     }
+    if let Some(mismatch) = table_mismatch(&tx).map_err(Migration::Sql)? {
+        return Err(Migration::Mismatch(format!(
+            "table {DEFAULT_TABLE}: {mismatch}"
+        )));
+    }
     if version < SCHEMA_VERSION {
         tx.execute_batch(SCHEMA).map_err(Migration::Sql)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(Migration::Sql)?;
     }
+    tx.execute(
+        "DELETE FROM sensord_batches WHERE committed_at < ?1",
+        [unix_now() - BATCH_ID_RETENTION_SECONDS],
+    )
+    .map_err(Migration::Sql)?;
     tx.commit().map_err(Migration::Sql)
+}
+
+/// Why an existing measurements table cannot take sensord's rows, if it
+/// cannot. It must be a table with the `COLUMNS`, each of the affinity
+/// listed (so `BIGINT` or `DOUBLE` will do; see "Determination Of Column
+/// Affinity" in SQLite's documentation). Anything else is allowed, since
+/// it cannot change what is stored: constraints, triggers and indexes (a
+/// row they refuse is a refusal) and extra columns, unless one is NOT NULL
+/// without a default, which every insert would break.
+fn table_mismatch(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    let kind: Option<String> = conn
+        .query_row(
+            "SELECT type FROM sqlite_schema WHERE name = ?1 COLLATE NOCASE",
+            [DEFAULT_TABLE],
+            |row| row.get(0),
+        )
+        .optional()?;
+    match kind.as_deref() {
+        None | Some("table") => {}
+        Some(other) => return Ok(Some(format!("is a {other}, expected a table"))),
+    }
+    // (name, declared type, NOT NULL, default, part of the primary key)
+    let mut statement = conn.prepare(
+        "SELECT name, type, \"notnull\", dflt_value IS NOT NULL, pk \
+         FROM pragma_table_info(?1)",
+    )?;
+    let columns = statement
+        .query_map([DEFAULT_TABLE], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, bool>(2)?,
+                row.get::<_, bool>(3)?,
+                row.get::<_, i64>(4)? > 0,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    if columns.is_empty() {
+        return Ok(None);
+    }
+    for (name, expected) in COLUMNS {
+        let Some((_, declared, ..)) = columns.iter().find(|c| c.0.eq_ignore_ascii_case(name))
+        else {
+            return Ok(Some(format!("no column {name}")));
+        };
+        if affinity(declared) != expected {
+            let is = if declared.is_empty() {
+                "untyped"
+            } else {
+                declared
+            };
+            return Ok(Some(format!("column {name} is {is}, expected {expected}")));
+        }
+    }
+    let extra = columns.iter().filter(|c| {
+        !COLUMNS
+            .iter()
+            .any(|(name, _)| c.0.eq_ignore_ascii_case(name))
+    });
+    for (name, declared, not_null, has_default, in_key) in extra {
+        // An INTEGER PRIMARY KEY is the rowid, which SQLite fills in.
+        let rowid = *in_key && declared.eq_ignore_ascii_case("INTEGER");
+        if *not_null && !has_default && !rowid {
+            return Ok(Some(format!(
+                "column {name} is NOT NULL without a default, and sensord does not write it"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The type affinity SQLite gives a column declared `declared`.
+fn affinity(declared: &str) -> &'static str {
+    let declared = declared.to_ascii_uppercase();
+    let has = |part: &str| declared.contains(part);
+    if has("INT") {
+        "INTEGER"
+    } else if has("CHAR") || has("CLOB") || has("TEXT") {
+        "TEXT"
+    } else if has("BLOB") || declared.is_empty() {
+        "BLOB"
+    } else if has("REAL") || has("FLOA") || has("DOUB") {
+        "REAL"
+    } else {
+        "NUMERIC"
+    }
 }
 
 /// rusqlite's message without its error-code prefix where it has one.
@@ -350,10 +854,26 @@ fn cause(e: &rusqlite::Error) -> String {
     }
 }
 
+/// Selects a value only if it is a number: another program may have
+/// written anything into any column, and SQLite keeps it as written.
+fn numeric(column: &str) -> String {
+    format!("CASE WHEN typeof({column}) IN ('integer', 'real') THEN {column} END")
+}
+
 impl Store for SqliteStore {
-    fn write_batch(&mut self, _id: BatchId, readings: &[Reading]) -> Result<Vec<Refusal>, Error> {
-        self.write(readings, TransactionBehavior::Immediate)?;
-        Ok(Vec::new())
+    fn write_batch(&mut self, id: BatchId, readings: &[Reading]) -> Result<Vec<Refusal>, Error> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("store::write_batch", |message| Err(Error::database(
+            format!("cannot write batch to {}", self.path),
+            message.unwrap_or_else(|| "injected failure".to_string())
+        )));
+        let what = format!("cannot write {} readings to {}", readings.len(), self.path);
+        let part = Part {
+            id: Some(id),
+            readings,
+        };
+        let outcome = self.write_parts(None, &[part], &what)?;
+        Ok(outcome.map(|imported| imported.refused).unwrap_or_default())
     }
 
     fn import_spill(
@@ -361,67 +881,73 @@ impl Store for SqliteStore {
         key: &str,
         batches: &[SpillBatch],
     ) -> Result<Option<Imported>, Error> {
-        let what = || format!("cannot import spill file into {}", self.path);
-        let sql_error = |e: rusqlite::Error| Error::database(what(), cause(&e));
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql_error)?;
-        let seen = tx
-            .query_row(
-                "SELECT 1 FROM sensord_spill_imports WHERE spill_key = ?1",
-                [key],
-                |_| Ok(()),
-            )
-            .optional()
-            .map_err(sql_error)?;
-        if seen.is_some() {
-            return Ok(None);
-        }
-        let mut count = 0;
-        for batch in batches {
-            Self::insert_all(&tx, &batch.readings, &self.interrupted).map_err(sql_error)?;
-            count += batch.readings.len();
-        }
-        tx.execute(
-            "INSERT INTO sensord_spill_imports (spill_key, readings, imported_at) VALUES (?1, ?2, ?3)",
-            params![key, count as i64, unix_now()],
-        )
-        .map_err(sql_error)?;
-        tx.commit().map_err(sql_error)?;
-        Ok(Some(Imported {
-            stored: count as u64,
-            ..Imported::default()
-        }))
+        let what = format!("cannot import spill file into {}", self.path);
+        let parts: Vec<Part<'_>> = batches
+            .iter()
+            .map(|b| Part {
+                id: b.id,
+                readings: &b.readings,
+            })
+            .collect();
+        self.write_parts(Some(key), &parts, &what)
     }
 
     fn interrupter(&self) -> Interrupter {
-        let handle = self.conn.get_interrupt_handle();
+        let interrupt = Arc::clone(&self.interrupt);
         let interrupted = Arc::clone(&self.interrupted);
         Box::new(move || {
             interrupted.store(true, Ordering::SeqCst);
-            handle.interrupt();
+            interrupt
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .interrupt();
         })
     }
 
+    /// Aggregates numbers only: a value another program wrote that is not
+    /// a number (text, a blob, NULL) counts as a reading but in no
+    /// aggregate, and a row whose `sensor_id` is not an integer in no
+    /// sensor's line (with a warning saying how many). An aggregate with no
+    /// number to go on is NaN.
     fn summary(&mut self) -> Result<Summary, Error> {
         let sql_error =
             |e: rusqlite::Error| Error::database(format!("cannot read {}", self.path), cause(&e));
-        let (readings, first, last): (i64, Option<f64>, Option<f64>) = self
+        let (readings, first, last, stray): (i64, Option<f64>, Option<f64>, i64) = self
             .conn
             .query_row(
-                "SELECT COUNT(*), MIN(ingested_at), MAX(ingested_at) FROM sensor_measurements",
+                &format!(
+                    "SELECT COUNT(*), MIN({at}), MAX({at}),
+                            COUNT(*) - COUNT(CASE WHEN typeof(sensor_id) = 'integer' THEN 1 END)
+                     FROM {DEFAULT_TABLE}",
+                    at = numeric("ingested_at")
+                ),
                 [],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
             )
             .map_err(sql_error)?;
+        if stray > 0 {
+            warn!(
+                "{stray} rows of {} have a sensor_id that is not an integer; they count in \
+                 the readings but in no sensor's line",
+                self.path
+            );
+        }
+        let (t, h) = (numeric("temperature"), numeric("humidity"));
         let mut statement = self
             .conn
-            .prepare(&per_sensor_sql(super::DEFAULT_TABLE))
+            .prepare(&format!(
+                "SELECT sensor_id, COUNT(*), MIN({t}), AVG({t}), MAX({t}),
+                        MIN({h}), AVG({h}), MAX({h})
+                 FROM {DEFAULT_TABLE} WHERE typeof(sensor_id) = 'integer'
+                 GROUP BY sensor_id ORDER BY sensor_id"
+            ))
             .map_err(sql_error)?;
         let per_sensor = statement
             .query_map([], |row| {
-                SensorSummary::from_row(|i| row.get(i), |i| row.get(i))
+                SensorSummary::from_row(
+                    |i| row.get(i),
+                    |i| Ok(row.get::<_, Option<f64>>(i)?.unwrap_or(f64::NAN)),
+                )
             })
             .map_err(sql_error)?
             .collect::<Result<Vec<_>, _>>()
@@ -431,6 +957,10 @@ impl Store for SqliteStore {
             span: first.zip(last),
             per_sensor,
         })
+    }
+
+    fn replaced(&self) -> bool {
+        self.replaced
     }
 }
 

@@ -2,8 +2,10 @@
 //! rows in real databases and on exit codes. One test binary, as ripgrep
 //! does, so the binary is built once.
 
+mod cli;
 mod faults;
 mod hardening;
 mod postgres;
 mod serve;
+mod sqlite;
 mod util;
