@@ -133,8 +133,11 @@ STEP=0
 # $WORK/steps.jsonl and fills the arrays above under "STORE BUFFER RATE REP".
 run_step() {
     local store=$1 buffer=$2 rate=$3 rep=$4 key="$1 $2 $3 $4"
-    local log="$WORK/sensord.log" db table="" args=() addr port pid
+    local log db table="" args=() addr port pid
     STEP=$((STEP + 1))
+    # A log of its own per step: the shell may look for `listening on`
+    # before the new daemon's redirection has emptied a reused file.
+    log="$WORK/sensord-$STEP.log"
     if [[ $store == sqlite ]]; then
         db="$WORK/knee.db"
         rm -f "$db" "$db-wal" "$db-shm" "$db.spill.jsonl"
@@ -161,6 +164,8 @@ run_step() {
     t1=$(now)
     sent=$(field "$out" sent) failed=$(field "$out" failed)
     secs=$(field "$out" seconds) cpu=$(field "$out" cpu_seconds)
+    # Refused sends mean nobody listened: the step measured nothing.
+    ((failed == 0)) || die "$failed sends to $addr failed (log: $log)"
 
     local i status=0
     kill -TERM "$pid"
