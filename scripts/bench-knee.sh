@@ -242,7 +242,7 @@ for store in "${STORES[@]}"; do
     for buffer in "${BUFFERS[@]}"; do
         echo
         echo "$store, --recv-buffer $buffer (kernel granted ${GRANTED["$store $buffer"]}), $reps repetitions"
-        printf '%9s  %-44s %-20s %9s %12s %12s\n' rate "loss per repetition (% of sent)" "kernel_drops" "sent/s" "sender CPU%" "daemon CPU%"
+        printf '%9s  %-62s %-24s %9s %12s %12s\n' rate "loss per repetition (% of sent)" "kernel_drops" "sent/s" "sender CPU%" "daemon CPU%"
         knee=0 broken="" after=""
         for rate in "${RATES[@]}"; do
             cells=() drops=() sc=() dc=() rc=() pc=() ach=() lossy=0
@@ -260,7 +260,7 @@ for store in "${STORES[@]}"; do
             elif [[ -z "$after" ]]; then
                 after=$rate
             fi
-            printf '%9s  %-44s %-20s %9s %12s %12s\n' "$rate" "$(printf '%s / ' "${cells[@]}" | sed 's| / $||')" \
+            printf '%9s  %-62s %-24s %9s %12s %12s\n' "$rate" "$(printf '%s / ' "${cells[@]}" | sed 's| / $||')" \
                 "$(join "${drops[@]}")" "$(median "${ach[@]}")" "$(median "${sc[@]}")" \
                 "$(median "${dc[@]}") ($(median "${rc[@]}")+$(median "${pc[@]}"))"
         done
