@@ -27,7 +27,9 @@
 #   KNEE_REPS=3      repetitions; KNEE_PG_REPS (default KNEE_REPS) for PostgreSQL
 #   KNEE_BUFFERS="4194304 212992 default"   --recv-buffer values; `default`
 #                    passes none (sensord's 128 MiB request)
-#   KNEE_STORES="sqlite postgres"
+#   KNEE_STORES="sqlite postgres"; `bare` adds examples/bare_recv, a receive
+#                    loop that stores nothing, in sensord's place: the loss
+#                    the machine alone causes at each rate
 #   KNEE_PG_URL      an existing PostgreSQL server (postgres://user@host:port/db)
 #                    instead of the throwaway cluster the script starts
 #   KNEE_SERVE_ARGS=""   extra arguments for every `sensord serve`
@@ -54,15 +56,16 @@ DEADLINE_SECS=120
 BIN="${CARGO_TARGET_DIR:-target}/release"
 echo "building (release)..." >&2
 if [[ -n "${SENSORD:-}" ]]; then
-    cargo build --release --quiet --example bench_send
+    cargo build --release --quiet --example bench_send --example bare_recv
     LABEL=${KNEE_LABEL:-$SENSORD}
 else
-    cargo build --release --quiet --bin sensord --example bench_send
+    cargo build --release --quiet --bin sensord --example bench_send --example bare_recv
     SENSORD="$BIN/sensord"
     LABEL=${KNEE_LABEL:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 fi
 [[ -x "$SENSORD" ]] || die "no sensord at $SENSORD"
 SENDER="$BIN/examples/bench_send"
+BARE="$BIN/examples/bare_recv"
 WORK=$(mktemp -d)
 PG_DIR=""
 cleanup() {
@@ -138,29 +141,38 @@ run_step() {
     # A log of its own per step: the shell may look for `listening on`
     # before the new daemon's redirection has emptied a reused file.
     log="$WORK/sensord-$STEP.log"
-    if [[ $store == sqlite ]]; then
-        db="$WORK/knee.db"
-        rm -f "$db" "$db-wal" "$db-shm" "$db.spill.jsonl"
+    if [[ $store == bare ]]; then
+        # Stops by itself once it has them all, or 1 s after the last.
+        "$BARE" 127.0.0.1:0 $((rate * SECS)) "${buffer/default/134217728}" 1 >"$log" &
     else
-        db=$PG_URL table="knee_step_$STEP"
-        args+=(--table "$table")
-        pg_sql "DROP TABLE IF EXISTS $table" >/dev/null
+        if [[ $store == sqlite ]]; then
+            db="$WORK/knee.db"
+            rm -f "$db" "$db-wal" "$db-shm" "$db.spill.jsonl"
+        else
+            db=$PG_URL table="knee_step_$STEP"
+            args+=(--table "$table")
+            pg_sql "DROP TABLE IF EXISTS $table" >/dev/null
+        fi
+        [[ $buffer == default ]] || args+=(--recv-buffer "$buffer")
+        "$SENSORD" serve --bind 127.0.0.1:0 --db "$db" --stats-interval 0 --spill "$WORK/spill.jsonl" \
+            "${args[@]}" "${SERVE_ARGS[@]}" 2>"$log" &
     fi
-    [[ $buffer == default ]] || args+=(--recv-buffer "$buffer")
-    "$SENSORD" serve --bind 127.0.0.1:0 --db "$db" --stats-interval 0 --spill "$WORK/spill.jsonl" \
-        "${args[@]}" "${SERVE_ARGS[@]}" 2>"$log" &
     pid=$!
     wait_for "$log" 'listening on ' "$pid"
     addr=$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | cut -d' ' -f3)
     port=${addr##*:}
-    GRANTED["$store $buffer"]=$( (grep -o 'kernel granted [0-9]*' "$log" || echo "x x 0") | head -1 | cut -d' ' -f3)
+    # bare_recv logs nothing: as root it gets double its request too.
+    GRANTED["$store $buffer"]=$( (grep -o 'kernel granted [0-9]*' "$log" ||
+        echo "x x $((2 * ${buffer/default/134217728}))") | head -1 | cut -d' ' -f3)
 
     local c0 r0 p0 t0 c1 r1 p1 t1 out sent failed secs cpu
     c0=$(cpu_ticks "$pid") r0=$(thread_ticks "$pid" receiver) p0=$(thread_ticks "$pid" persister)
     t0=$(now)
     out=$("$SENDER" "$addr" $((rate * SECS)) --rate "$rate")
     wait_read "$port"
-    c1=$(cpu_ticks "$pid") r1=$(thread_ticks "$pid" receiver) p1=$(thread_ticks "$pid" persister)
+    # bare_recv may have exited already: its CPU then reads as none.
+    c1=$(cpu_ticks "$pid" 2>/dev/null || echo "$c0")
+    r1=$(thread_ticks "$pid" receiver) p1=$(thread_ticks "$pid" persister)
     t1=$(now)
     sent=$(field "$out" sent) failed=$(field "$out" failed)
     secs=$(field "$out" seconds) cpu=$(field "$out" cpu_seconds)
@@ -168,17 +180,25 @@ run_step() {
     ((failed == 0)) || die "$failed sends to $addr failed (log: $log)"
 
     local i status=0
-    kill -TERM "$pid"
+    [[ $store == bare ]] || kill -TERM "$pid"
     for ((i = 0; i < DEADLINE_SECS * 20; i++)); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.05
     done
-    kill -0 "$pid" 2>/dev/null && die "sensord did not stop within ${DEADLINE_SECS}s of SIGTERM (log: $log)"
+    kill -0 "$pid" 2>/dev/null && die "$store receiver did not stop within ${DEADLINE_SECS}s (log: $log)"
     wait "$pid" || status=$?
     local line rows
-    line=$(grep 'shutdown complete:' "$log" || true)
-    [[ -n "$line" ]] || die "sensord (status $status) logged no shutdown line: $(tail -3 "$log")"
-    if [[ $store == sqlite ]]; then
+    if [[ $store == bare ]]; then
+        rows=$(field "$(cat "$log")" received)
+        # No drop counter: what did not arrive overflowed the buffer.
+        line="kernel_drops=$((sent - rows)) received=$rows"
+    else
+        line=$(grep 'shutdown complete:' "$log" || true)
+        [[ -n "$line" ]] || die "sensord (status $status) logged no shutdown line: $(tail -3 "$log")"
+    fi
+    if [[ $store == bare ]]; then
+        :
+    elif [[ $store == sqlite ]]; then
         rows=$(sqlite3 -cmd '.timeout 5000' "$db" 'SELECT COUNT(*) FROM sensor_measurements')
     else
         rows=$(pg_sql "SELECT count(*) FROM $table")
@@ -208,8 +228,9 @@ reps_of() { [[ $1 == postgres ]] && echo "$PG_REPS" || echo "$REPS"; }
 for store in "${STORES[@]}"; do
     case $store in
     sqlite) command -v sqlite3 >/dev/null || die "sqlite3 is needed to count SQLite rows" ;;
+    bare) ;;
     postgres) [[ -n "$PG_URL" ]] || pg_start ;;
-    *) die "KNEE_STORES: unknown store $store (sqlite, postgres)" ;;
+    *) die "KNEE_STORES: unknown store $store (sqlite, postgres, bare)" ;;
     esac
 done
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
