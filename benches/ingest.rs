@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use sensord::Reading;
-use sensord::reading::parse_datagram;
+use sensord::reading::{Format, SensorId, parse_datagram};
 use sensord::store::sqlite::SqliteStore;
 use sensord::store::{self, BatchId, Options, Store};
 
@@ -28,6 +28,7 @@ fn parse(c: &mut Criterion) {
             parse_datagram(
                 black_box(DATAGRAM),
                 1_764_140_501.5,
+                &Format::default(),
                 &mut out,
                 &mut rejections,
             );
@@ -44,11 +45,12 @@ fn readings(rng: &mut StdRng, n: usize, start: f64) -> Vec<Reading> {
         .map(|i| {
             let at = start + i as f64 * 1e-6;
             Reading {
-                sensor_id: rng.random_range(10..=1000),
-                temperature: rng.random_range(1.0..35.0),
-                humidity: rng.random_range(1.0..12.0),
+                sensor_id: SensorId::Int(rng.random_range(10..=1000)),
+                temperature: Some(rng.random_range(1.0..35.0)),
+                humidity: Some(rng.random_range(1.0..12.0)),
                 ingested_at: at,
                 received_at: at,
+                extra: None,
             }
         })
         .collect()

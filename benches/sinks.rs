@@ -23,11 +23,12 @@ const INSERT_ROWS: usize = 1_000;
 fn readings(n: usize) -> Vec<Reading> {
     (0..n)
         .map(|i| Reading {
-            sensor_id: (i % 1000) as i64,
-            temperature: 20.0 + (i % 97) as f64 / 7.0,
-            humidity: (i % 89) as f64 / 89.0,
+            sensor_id: sensord::reading::SensorId::Int((i % 1000) as i64),
+            temperature: Some(20.0 + (i % 97) as f64 / 7.0),
+            humidity: Some((i % 89) as f64 / 89.0),
             ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
             received_at: 1_764_150_000.5 + i as f64 / 1000.0,
+            extra: None,
         })
         .collect()
 }
@@ -125,14 +126,19 @@ fn postgres_insert(c: &mut Criterion) {
         for chunk in batch.chunks(INSERT_ROWS) {
             let times: Vec<_> = chunk
                 .iter()
-                .map(|r| (timestamp(r.ingested_at), timestamp(r.received_at)))
+                .map(|r| {
+                    let sensord::reading::SensorId::Int(id) = r.sensor_id else {
+                        unreachable!("the bench's sensors are integers")
+                    };
+                    (id, timestamp(r.ingested_at), timestamp(r.received_at))
+                })
                 .collect();
             let params: Vec<&(dyn ToSql + Sync)> = chunk
                 .iter()
                 .zip(&times)
-                .flat_map(|(r, (ingested, received))| {
+                .flat_map(|(r, (id, ingested, received))| {
                     [
-                        &r.sensor_id as &(dyn ToSql + Sync),
+                        id as &(dyn ToSql + Sync),
                         &r.temperature,
                         &r.humidity,
                         ingested,

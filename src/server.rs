@@ -11,6 +11,7 @@ use log::{error, info};
 use crate::error::Error;
 use crate::ledger::{Counts, Ledger};
 use crate::persister::{BatchConfig, Persister, Shared};
+use crate::reading::Format;
 use crate::receiver::{self, Cidr, Receiver};
 use crate::shutdown::{FlushReport, Shutdown, ShutdownGuard, Worker};
 use crate::spill::Spill;
@@ -31,6 +32,8 @@ pub struct Config {
     pub allow: Vec<Cidr>,
     /// How long the database may make a stop wait, beyond a few seconds.
     pub busy_timeout: Duration,
+    /// How datagrams are read.
+    pub format: Format,
 }
 
 /// What a run did, for the shutdown line and the exit code.
@@ -108,6 +111,7 @@ pub fn run(
             chunk_size: chunk,
             drain_limit: config.queue_capacity,
             allow: config.allow.clone(),
+            format: config.format,
         },
         Arc::clone(&ledger),
         shutdown.clone(),

@@ -465,11 +465,12 @@ mod tests {
 
     fn reading(sensor_id: i64) -> Reading {
         Reading {
-            sensor_id,
-            temperature: 21.123456789012345,
-            humidity: 0.1,
+            sensor_id: crate::reading::SensorId::Int(sensor_id),
+            temperature: Some(21.123456789012345),
+            humidity: Some(0.1),
             ingested_at: 1764150000.123456,
             received_at: 1764150000.5,
+            extra: None,
         }
     }
 

@@ -826,11 +826,12 @@ fn store_options() -> sensord::store::Options {
 /// Reading `i` of a test batch: distinct `ingested_at`, a sane temperature.
 fn reading(i: usize, temperature: f64) -> sensord::Reading {
     sensord::Reading {
-        sensor_id: (i % 7) as i64,
-        temperature,
-        humidity: 0.5,
+        sensor_id: sensord::reading::SensorId::Int((i % 7) as i64),
+        temperature: Some(temperature),
+        humidity: Some(0.5),
         ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
         received_at: 1_764_150_000.0,
+        extra: None,
     }
 }
 
@@ -1257,8 +1258,8 @@ fn pg_poisoned_readings_are_refused_and_the_rest_commit() {
         .collect();
     let id = sensord::store::BatchId { run: 7, seq: 1 };
     let refused = store.write_batch(id, &readings).unwrap();
-    let refused_readings: Vec<_> = refused.iter().map(|r| r.reading).collect();
-    let expected: Vec<_> = poisoned.iter().map(|&i| readings[i]).collect();
+    let refused_readings: Vec<_> = refused.iter().map(|r| r.reading.clone()).collect();
+    let expected: Vec<_> = poisoned.iter().map(|&i| readings[i].clone()).collect();
     assert_eq!(refused_readings, expected);
     for refusal in &refused {
         assert_eq!(
@@ -1315,8 +1316,8 @@ fn pg_spill_import_skips_committed_batches_and_refuses_poison() {
     ];
     let imported = store.import_spill("key-1", &batches).unwrap().unwrap();
     assert_eq!((imported.stored, imported.skipped), (148, 100));
-    let refused: Vec<_> = imported.refused.iter().map(|r| r.reading).collect();
-    assert_eq!(refused, [readings[130], readings[170]]);
+    let refused: Vec<_> = imported.refused.iter().map(|r| r.reading.clone()).collect();
+    assert_eq!(refused, [readings[130].clone(), readings[170].clone()]);
     assert_eq!(rows_and_distinct(&url), (248, 248));
     assert_eq!(store.import_spill("key-1", &batches).unwrap(), None);
     assert_eq!(
