@@ -8,7 +8,10 @@
 //! ids in 10-1000, temperature in [1, 35), humidity in [1, 12), and
 //! `ingested_at` increasing from the start time.
 //!
-//! Usage: `bench_send TO COUNT`. Prints `sent=N failed=F seconds=S`.
+//! `bench_send TO COUNT named` sends the same readings from named sensors
+//! (`"esp32-517"`) with two extra fields, `pressure` and `rssi`.
+//!
+//! Usage: `bench_send TO COUNT [named]`. Prints `sent=N failed=F seconds=S`.
 
 use std::fmt::Write as _;
 use std::net::UdpSocket;
@@ -23,10 +26,14 @@ const POOL: usize = 1 << 16;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 3 {
-        eprintln!("usage: bench_send TO COUNT");
-        std::process::exit(2);
-    }
+    let named = match args.get(3).map(String::as_str) {
+        None if args.len() == 3 => false,
+        Some("named") if args.len() == 4 => true,
+        _ => {
+            eprintln!("usage: bench_send TO COUNT [named]");
+            std::process::exit(2);
+        }
+    };
     let count: u64 = args[2].parse().expect("COUNT must be an integer");
     let socket = UdpSocket::bind("127.0.0.1:0").expect("loopback is bindable");
     socket.connect(&args[1]).expect("TO must be an address");
@@ -38,16 +45,27 @@ fn main() {
         .as_secs_f64();
     let pool: Vec<String> = (0..POOL)
         .map(|i| {
-            let mut datagram = String::with_capacity(128);
-            // Writing to a String cannot fail.
-            let _ = write!(
-                datagram,
-                r#"{{"sensor_id":{},"temperature":{},"humidity":{},"ingested_at":{}}}"#,
+            let mut datagram = String::with_capacity(192);
+            let (id, temperature, humidity, at) = (
                 rng.random_range(10..=1000),
                 rng.random_range(1.0..35.0),
                 rng.random_range(1.0..12.0),
-                start + i as f64 * 1e-6
+                start + i as f64 * 1e-6,
             );
+            // Writing to a String cannot fail.
+            let _ = if named {
+                write!(
+                    datagram,
+                    r#"{{"sensor_id":"esp32-{id}","temperature":{temperature},"humidity":{humidity},"pressure":{},"rssi":{},"ingested_at":{at}}}"#,
+                    rng.random_range(950.0..1050.0),
+                    rng.random_range(-90..-30),
+                )
+            } else {
+                write!(
+                    datagram,
+                    r#"{{"sensor_id":{id},"temperature":{temperature},"humidity":{humidity},"ingested_at":{at}}}"#,
+                )
+            };
             datagram
         })
         .collect();

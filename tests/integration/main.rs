@@ -6,6 +6,7 @@ mod cli;
 mod faults;
 mod hardening;
 mod postgres;
+mod sensors;
 mod serve;
 mod sqlite;
 mod util;
