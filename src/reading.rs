@@ -34,6 +34,9 @@ pub const MAX_EXTRA_FIELDS: usize = 32;
 pub const MAX_EXTRA_KEY_BYTES: usize = 64;
 /// The longest extra string value, in bytes.
 pub const MAX_EXTRA_STRING_BYTES: usize = 256;
+/// The most bytes of a reading's `extra` object, as stored (JSON text).
+/// With the other limits it bounds what one queued reading holds.
+pub const MAX_EXTRA_BYTES: usize = 1024;
 
 /// Now as unix seconds, the unit of every timestamp in a reading.
 pub fn unix_now() -> f64 {
@@ -144,10 +147,11 @@ impl Serialize for SensorId {
 
 impl<'de> Deserialize<'de> for SensorId {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        match RawId::deserialize(deserializer)? {
-            RawId::Int(id) => Ok(SensorId::Int(id)),
-            RawId::Name(name) => Ok(SensorId::from_text(&name)),
-            RawId::TooLarge | RawId::Other => Err(de::Error::custom(
+        match Scalar::deserialize(deserializer)? {
+            Scalar::Int(id) => Ok(SensorId::Int(id)),
+            Scalar::UInt(id) if i64::try_from(id).is_ok() => Ok(SensorId::Int(id as i64)),
+            Scalar::Text(name) => Ok(SensorId::from_text(&name)),
+            _ => Err(de::Error::custom(
                 "sensor_id must be an integer in i64 or a name",
             )),
         }
@@ -181,6 +185,9 @@ impl Extra {
         let mut numeric = false;
         if map.len() > MAX_EXTRA_FIELDS {
             return Err(Rejection::BadExtra(ExtraProblem::TooMany));
+        }
+        if self.0.len() > MAX_EXTRA_BYTES {
+            return Err(Rejection::BadExtra(ExtraProblem::TooLarge));
         }
         for (key, value) in &map {
             if key.len() > MAX_EXTRA_KEY_BYTES {
@@ -281,6 +288,8 @@ pub enum ExtraProblem {
     LongKey,
     /// More than `MAX_EXTRA_FIELDS` extra fields.
     TooMany,
+    /// The `extra` object is over `MAX_EXTRA_BYTES`.
+    TooLarge,
 }
 
 /// Why a datagram or one of its readings was not accepted.
@@ -388,6 +397,9 @@ impl fmt::Display for Rejection {
             Rejection::BadExtra(ExtraProblem::TooMany) => {
                 write!(f, "more than {MAX_EXTRA_FIELDS} extra fields")
             }
+            Rejection::BadExtra(ExtraProblem::TooLarge) => {
+                write!(f, "extra fields over {MAX_EXTRA_BYTES} bytes of JSON")
+            }
         }
     }
 }
@@ -419,7 +431,7 @@ impl TimestampUnit {
 
     /// A number in this unit as unix seconds: the f64 nearest the exact
     /// value for integers, as parsing its decimal text would give.
-    fn seconds(self, value: Scalar) -> Option<f64> {
+    fn seconds(self, value: &Scalar) -> Option<f64> {
         let (per_second, digits) = self.per_second();
         if per_second == 1 {
             return value.number();
@@ -427,7 +439,7 @@ impl TimestampUnit {
         // Below 2^53 an integer and the divisor are exact, and one division
         // rounds once, to the nearest f64.
         const EXACT: u64 = 1 << 53;
-        let whole = match value {
+        let whole = match *value {
             Scalar::Int(v) if v.unsigned_abs() <= EXACT => {
                 return Some(v as f64 / per_second as f64);
             }
@@ -437,7 +449,7 @@ impl TimestampUnit {
             Scalar::Int(v) => v as u64,
             Scalar::UInt(v) => v,
             Scalar::Float(v) => return Some(v / per_second as f64),
-            Scalar::Null | Scalar::Other => return None,
+            Scalar::Null | Scalar::Text(_) | Scalar::Other => return None,
         };
         let mut buffer = [0u8; 48];
         decimal(&mut buffer, whole / per_second, whole % per_second, digits)
@@ -733,23 +745,25 @@ fn skip<'de, A: MapAccess<'de>>(map: &mut A) -> Result<(), A::Error> {
     map.next_value::<IgnoredAny>().map(|_| ())
 }
 
-/// A JSON value reduced to what validation needs, without allocating.
-#[derive(Clone, Copy)]
+/// A JSON value reduced to what validation needs; only a string
+/// allocates.
 enum Scalar {
     Int(i64),
     UInt(u64),
     Float(f64),
     Null,
+    /// A string: a sensor name, or an RFC 3339 time.
+    Text(Box<str>),
     Other,
 }
 
 impl Scalar {
-    fn number(self) -> Option<f64> {
-        match self {
+    fn number(&self) -> Option<f64> {
+        match *self {
             Scalar::Int(v) => Some(v as f64),
             Scalar::UInt(v) => Some(v as f64),
             Scalar::Float(v) => Some(v),
-            Scalar::Null | Scalar::Other => None,
+            Scalar::Null | Scalar::Text(_) | Scalar::Other => None,
         }
     }
 }
@@ -774,8 +788,8 @@ impl<'de> Deserialize<'de> for Scalar {
             fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
                 Ok(Scalar::Other)
             }
-            fn visit_str<E>(self, _: &str) -> Result<Scalar, E> {
-                Ok(Scalar::Other)
+            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Text(v.into()))
             }
             fn visit_unit<E>(self) -> Result<Scalar, E> {
                 Ok(Scalar::Null)
@@ -790,101 +804,6 @@ impl<'de> Deserialize<'de> for Scalar {
             }
         }
         deserializer.deserialize_any(ScalarVisitor)
-    }
-}
-
-/// A `sensor_id` value before validation; only a name allocates.
-enum RawId {
-    Int(i64),
-    /// An integer over i64::MAX.
-    TooLarge,
-    Name(String),
-    Other,
-}
-
-impl<'de> Deserialize<'de> for RawId {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct IdVisitor;
-        impl<'de> Visitor<'de> for IdVisitor {
-            type Value = RawId;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an integer or a name")
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<RawId, E> {
-                Ok(RawId::Int(v))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<RawId, E> {
-                Ok(i64::try_from(v).map_or(RawId::TooLarge, RawId::Int))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<RawId, E> {
-                Ok(RawId::Other)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<RawId, E> {
-                Ok(RawId::Other)
-            }
-            fn visit_str<E>(self, v: &str) -> Result<RawId, E> {
-                Ok(RawId::Name(v.to_string()))
-            }
-            fn visit_unit<E>(self) -> Result<RawId, E> {
-                Ok(RawId::Other)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawId, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(RawId::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawId, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(RawId::Other)
-            }
-        }
-        deserializer.deserialize_any(IdVisitor)
-    }
-}
-
-/// An `ingested_at` value: a number (its unit applied later), or an RFC
-/// 3339 string already read (None if it is not one).
-#[derive(Clone, Copy)]
-enum RawTime {
-    Number(Scalar),
-    Text(Option<f64>),
-}
-
-impl<'de> Deserialize<'de> for RawTime {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct TimeVisitor;
-        impl<'de> Visitor<'de> for TimeVisitor {
-            type Value = RawTime;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a number or an RFC 3339 time")
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<RawTime, E> {
-                Ok(RawTime::Number(Scalar::Int(v)))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<RawTime, E> {
-                Ok(RawTime::Number(Scalar::UInt(v)))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<RawTime, E> {
-                Ok(RawTime::Number(Scalar::Float(v)))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<RawTime, E> {
-                Ok(RawTime::Number(Scalar::Other))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<RawTime, E> {
-                Ok(RawTime::Text(parse_rfc3339(v)))
-            }
-            fn visit_unit<E>(self) -> Result<RawTime, E> {
-                Ok(RawTime::Number(Scalar::Other))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawTime, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(RawTime::Number(Scalar::Other))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawTime, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(RawTime::Number(Scalar::Other))
-            }
-        }
-        deserializer.deserialize_any(TimeVisitor)
     }
 }
 
@@ -978,10 +897,10 @@ impl<'de> Deserialize<'de> for Key {
 /// last value, as JavaScript's `JSON.parse` does.
 #[derive(Default)]
 struct RawReading {
-    sensor_id: Option<RawId>,
+    sensor_id: Option<Scalar>,
     temperature: Option<Scalar>,
     humidity: Option<Scalar>,
-    ingested_at: Option<RawTime>,
+    ingested_at: Option<Scalar>,
     /// Other fields, when kept; empty (no allocation) for most readings.
     extra: Vec<(String, ExtraValue)>,
     /// The first reason an extra field cannot be stored.
@@ -995,47 +914,68 @@ impl RawReading {
     ) -> Result<Self, A::Error> {
         let mut raw = RawReading::default();
         while let Some(key) = map.next_key::<Key>()? {
-            match key {
-                Key::Known(Field::SensorId) => raw.sensor_id = Some(map.next_value()?),
-                Key::Known(Field::Temperature) => raw.temperature = Some(map.next_value()?),
-                Key::Known(Field::Humidity) => raw.humidity = Some(map.next_value()?),
-                Key::Known(Field::IngestedAt) => raw.ingested_at = Some(map.next_value()?),
-                // A datagram's `received_at` is the clock's, never its own.
-                Key::Known(Field::ReceivedAt | Field::Extra) => skip(&mut map)?,
-                Key::Other(_) if extra_fields == ExtraFields::Drop => skip(&mut map)?,
-                Key::Other(name) => {
-                    let ExtraSlot(value) = map.next_value()?;
-                    let problem = if name.len() > MAX_EXTRA_KEY_BYTES {
-                        Err(ExtraProblem::LongKey)
-                    } else if raw.extra.len() == MAX_EXTRA_FIELDS {
-                        Err(ExtraProblem::TooMany)
-                    } else {
-                        value.map(|value| raw.extra.push((name, value)))
-                    };
-                    if let Err(problem) = problem {
-                        raw.extra_problem.get_or_insert(problem);
-                    }
+            let slot = match key {
+                Key::Known(Field::SensorId) => &mut raw.sensor_id,
+                Key::Known(Field::Temperature) => &mut raw.temperature,
+                Key::Known(Field::Humidity) => &mut raw.humidity,
+                Key::Known(Field::IngestedAt) => &mut raw.ingested_at,
+                Key::Other(name) if extra_fields == ExtraFields::Keep => {
+                    raw.add_extra(name, &mut map)?;
+                    continue;
                 }
-            }
+                // A datagram's `received_at` is the clock's, never its own.
+                Key::Known(Field::ReceivedAt | Field::Extra) | Key::Other(_) => {
+                    skip(&mut map)?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value()?);
         }
         Ok(raw)
     }
 
+    /// Reads the value of extra field `name`.
+    fn add_extra<'de, A: MapAccess<'de>>(
+        &mut self,
+        name: String,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        let ExtraSlot(value) = map.next_value()?;
+        let problem = if name.len() > MAX_EXTRA_KEY_BYTES {
+            Err(ExtraProblem::LongKey)
+        } else if self.extra.len() == MAX_EXTRA_FIELDS {
+            Err(ExtraProblem::TooMany)
+        } else {
+            value.map(|value| self.extra.push((name, value)))
+        };
+        if let Err(problem) = problem {
+            self.extra_problem.get_or_insert(problem);
+        }
+        Ok(())
+    }
+
     fn validate(self, received_at: f64, unit: TimestampUnit) -> Result<Reading, Rejection> {
         let sensor_id = match self.sensor_id.ok_or(Rejection::Missing(Field::SensorId))? {
-            RawId::Int(id) if NAME_KEYS.contains(&id) => {
+            Scalar::Int(id) if NAME_KEYS.contains(&id) => {
                 return Err(Rejection::OutOfRange(Field::SensorId));
             }
-            RawId::Int(id) => SensorId::Int(id),
-            RawId::TooLarge => return Err(Rejection::OutOfRange(Field::SensorId)),
-            RawId::Other => return Err(Rejection::WrongType(Field::SensorId)),
-            RawId::Name(name) => {
+            Scalar::Int(id) => SensorId::Int(id),
+            // serde_json gives a u64 for every non-negative integer.
+            Scalar::UInt(id) => SensorId::Int(
+                i64::try_from(id).map_err(|_| Rejection::OutOfRange(Field::SensorId))?,
+            ),
+            Scalar::Float(_) | Scalar::Null | Scalar::Other => {
+                return Err(Rejection::WrongType(Field::SensorId));
+            }
+            Scalar::Text(name) => {
                 check_name(&name)?;
                 match SensorId::from_text(&name) {
                     SensorId::Int(id) if NAME_KEYS.contains(&id) => {
                         return Err(Rejection::OutOfRange(Field::SensorId));
                     }
-                    id => id,
+                    SensorId::Int(id) => SensorId::Int(id),
+                    // Already boxed: no second allocation.
+                    SensorId::Name(_) => SensorId::Name(name),
                 }
             }
         };
@@ -1053,29 +993,23 @@ impl RawReading {
         };
         let temperature = measurement(self.temperature, Field::Temperature)?;
         let humidity = measurement(self.humidity, Field::Humidity)?;
-        let ingested_at = match self.ingested_at {
-            None => received_at,
-            Some(RawTime::Number(value)) => unit
-                .seconds(value)
-                .ok_or(Rejection::WrongType(Field::IngestedAt))?,
-            Some(RawTime::Text(parsed)) => parsed.ok_or(Rejection::WrongType(Field::IngestedAt))?,
-        };
+        let ingested_at = match &self.ingested_at {
+            None => Some(received_at),
+            Some(Scalar::Text(text)) => parse_rfc3339(text),
+            Some(value) => unit.seconds(value),
+        }
+        .ok_or(Rejection::WrongType(Field::IngestedAt))?;
         if !(0.0..=MAX_INGESTED_AT).contains(&ingested_at) {
             return Err(Rejection::OutOfRange(Field::IngestedAt));
         }
-        if let Some(problem) = self.extra_problem {
-            return Err(Rejection::BadExtra(problem));
-        }
-        let numeric_extra = self.extra.iter().any(|(_, value)| {
-            matches!(
-                value,
-                ExtraValue::Int(_) | ExtraValue::UInt(_) | ExtraValue::Float(_)
-            )
-        });
+        let (extra, numeric_extra) = if self.extra.is_empty() && self.extra_problem.is_none() {
+            (None, false)
+        } else {
+            extra(self.extra, self.extra_problem)?
+        };
         if temperature.is_none() && humidity.is_none() && !numeric_extra {
             return Err(Rejection::NoMeasurement);
         }
-        let extra = (!self.extra.is_empty()).then(|| Extra::from_fields(self.extra));
         Ok(Reading {
             sensor_id,
             temperature,
@@ -1085,6 +1019,31 @@ impl RawReading {
             extra,
         })
     }
+}
+
+/// A reading's extra fields as stored (None if there are none), and
+/// whether one is a number (a measurement).
+fn extra(
+    fields: Vec<(String, ExtraValue)>,
+    problem: Option<ExtraProblem>,
+) -> Result<(Option<Extra>, bool), Rejection> {
+    if let Some(problem) = problem {
+        return Err(Rejection::BadExtra(problem));
+    }
+    let numeric = fields.iter().any(|(_, value)| {
+        matches!(
+            value,
+            ExtraValue::Int(_) | ExtraValue::UInt(_) | ExtraValue::Float(_)
+        )
+    });
+    if fields.is_empty() {
+        return Ok((None, false));
+    }
+    let extra = Extra::from_fields(fields);
+    if extra.0.len() > MAX_EXTRA_BYTES {
+        return Err(Rejection::BadExtra(ExtraProblem::TooLarge));
+    }
+    Ok((Some(extra), numeric))
 }
 
 #[cfg(test)]
@@ -1299,6 +1258,14 @@ mod tests {
             r#"{{"sensor_id": 1, {}}}"#,
             fields(MAX_EXTRA_FIELDS)
         ));
+        let big = (0..5)
+            .map(|i| format!(r#""s{i}": "{}""#, "x".repeat(200)))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(
+            reject(&format!(r#"{{"sensor_id": 1, "temperature": 1, {big}}}"#)),
+            Rejection::BadExtra(ExtraProblem::TooLarge)
+        );
         assert_eq!(
             reject(&format!(
                 r#"{{"sensor_id": 1, {}}}"#,
