@@ -21,8 +21,13 @@
 # readings: `sensord send --interval 0` formats each reading as it goes and
 # does not reach 90% of a bare loop (the "sender check" row shows the ratio).
 #
+# With BENCH_KNEE=1 it then runs scripts/bench-knee.sh (the zero-loss knee:
+# paced rates, loss per rate) on the same build, writing knee.json beside
+# $BENCH_OUT; KNEE_* settings are passed through.
+#
 # Usage: scripts/bench.sh            (about 3 minutes)
 #        BENCH_QUICK=1 scripts/bench.sh   (smoke test, seconds)
+#        BENCH_KNEE=1 scripts/bench.sh    (and the knee: about 25 minutes more)
 # Settings (environment):
 #   BENCH_N=1000000        datagrams per ceiling / e2e / drain run
 #   BENCH_REPS=3           repetitions of each measurement (medians reported)
@@ -63,22 +68,7 @@ trap cleanup EXIT
 trap 'echo "bench: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 CLK_TCK=$(getconf CLK_TCK)
 
-now() { date +%s.%N; }
-calc() { awk "BEGIN { printf \"%.${2:-3}f\", $1 }"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
-# utime + stime of a process, in clock ticks.
-cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-# thread_ticks PID NAME: utime + stime of PID's thread named NAME (0 if none).
-thread_ticks() {
-    local t
-    for t in /proc/"$1"/task/*; do
-        if [[ "$(cat "$t/comm" 2>/dev/null)" == "$2" ]]; then
-            cpu_ticks "$1/task/${t##*/}"
-            return
-        fi
-    done
-    echo 0
-}
 # The daemon's threads, as `thread_ticks` names them.
 THREADS=(receiver persister checkpointer)
 # all_thread_ticks PID: the ticks of each of THREADS, space-separated.
@@ -371,3 +361,9 @@ cat >"$OUT" <<EOF
 }
 EOF
 echo "written to $OUT"
+
+if [[ "${BENCH_KNEE:-0}" == 1 ]]; then
+    KNEE_QUICK=${KNEE_QUICK:-${BENCH_QUICK:-0}} KNEE_OUT=${KNEE_OUT:-$(dirname "$OUT")/knee.json} \
+        SENSORD="$SENSORD" KNEE_LABEL=${KNEE_LABEL:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} \
+        scripts/bench-knee.sh
+fi

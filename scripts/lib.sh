@@ -1,4 +1,4 @@
-# Helpers shared by bench.sh and profile.sh; sourced, not run. Every wait
+# Helpers shared by bench.sh, bench-knee.sh and profile.sh; sourced, not run. Every wait
 # is bounded by the caller's DEADLINE_SECS.
 
 die() { echo "${0##*/}: $*" >&2; exit 1; }
@@ -31,4 +31,21 @@ stats_counter() {
     local v
     v=$( (grep -o "stats: .*$2=[0-9]*" "$1" || true) | tail -1 | grep -o '[0-9]*$' || true)
     echo "${v:-0}"
+}
+
+now() { date +%s.%N; }
+# calc EXPR [DECIMALS]: EXPR evaluated by awk, with DECIMALS (default 3).
+calc() { awk "BEGIN { printf \"%.${2:-3}f\", $1 }"; }
+# utime + stime of a process, in clock ticks.
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+# thread_ticks PID NAME: utime + stime of PID's thread named NAME (0 if none).
+thread_ticks() {
+    local t
+    for t in /proc/"$1"/task/*; do
+        if [[ "$(cat "$t/comm" 2>/dev/null)" == "$2" ]]; then
+            cpu_ticks "$1/task/${t##*/}"
+            return
+        fi
+    done
+    echo 0
 }

@@ -3,7 +3,8 @@
 # test. The PostgreSQL tests start throwaway PostgreSQL 15 clusters of their
 # own; they need the server binaries (initdb, pg_ctl, postgres) and, when
 # run as root, the unprivileged `postgres` user to run them as. Missing
-# binaries are installed from Debian's packages (as root), never skipped.
+# binaries are installed from Debian's packages (as root), never skipped;
+# so are Prometheus and systemd-analyze for the ops tests.
 #
 # Extra arguments go to `cargo test`, e.g. `scripts/test.sh hardening::`.
 set -euo pipefail
@@ -25,6 +26,23 @@ if ! command -v initdb >/dev/null || ! command -v pg_ctl >/dev/null; then
 fi
 if [ "$(id -u)" -eq 0 ] && ! id -u postgres >/dev/null 2>&1; then
     useradd --system --user-group --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+# The ops tests run Debian's Prometheus (prometheus, promtool) and
+# systemd-analyze (from systemd) on the shipped unit file.
+missing=()
+command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "test.sh: ${missing[*]} not found; install them (or run as root to have them installed)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # --no-install-recommends: the Prometheus server and promtool, without
+    # the exporters and web assets it recommends.
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 exec cargo test --features failpoints "$@"

@@ -31,6 +31,8 @@ pub enum Error {
     },
     /// A command-line value is well-formed for clap but unusable.
     Config(String),
+    /// The `--http` address could not be bound.
+    Http { addr: String, cause: String },
     /// A thread could not be started.
     Thread {
         name: &'static str,
@@ -79,6 +81,13 @@ impl fmt::Display for Error {
                  line, or start with --skip-bad-spill-lines",
                 path.display()
             ),
+            Error::Http { addr, cause } => {
+                // tiny_http hands back io::Error's text, " (os error N)" and all.
+                let cause = cause
+                    .rfind(" (os error ")
+                    .map_or(&cause[..], |at| &cause[..at]);
+                write!(f, "cannot serve HTTP on {addr} (--http): {cause}")
+            }
             Error::Config(message) => f.write_str(message),
             Error::Thread { name, source } => {
                 write!(f, "cannot start thread {name}: {}", io_cause(source))

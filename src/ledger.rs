@@ -1,7 +1,8 @@
 //! Counters every thread adds to and the stats and shutdown lines read.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::reading::Rejection;
 
@@ -46,6 +47,80 @@ pub struct Ledger {
     /// them as drops, which the shutdown line reports as `unread`. Zero
     /// while running.
     pub drops_at_stop: AtomicU64,
+    /// The fullest the socket's receive buffer was seen since the last
+    /// stats line, in thousandths (sampled before each read).
+    pub buffer_peak: AtomicU64,
+    /// The same over the whole run.
+    pub buffer_peak_run: AtomicU64,
+    /// Readings deleted by `--retain`.
+    pub expired: AtomicU64,
+    /// Spill files imported at start (0 or 1: one spill path per run).
+    pub spill_files_replayed: AtomicU64,
+    /// Batch commits, how long each took, and when the last one ended:
+    /// written by the persister once per commit, read by `/metrics`.
+    pub commits: CommitLog,
+    /// Set by the server when a worker thread ended unexpectedly, so
+    /// `/health` can say why the daemon is stopping.
+    pub worker_stopped: AtomicBool,
+}
+
+/// Upper bounds of the commit duration histogram, in seconds: a batch of
+/// a few thousand readings takes milliseconds, a quarter million on a slow
+/// SD card seconds, and a busy database up to `--busy-timeout`.
+pub const COMMIT_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// The persister's record of its commits: a few atomics, written once per
+/// batch, never per reading.
+#[derive(Debug, Default)]
+pub struct CommitLog {
+    /// Batches the persister committed (the final flush is not one).
+    pub ok: AtomicU64,
+    /// Attempts to commit a batch that failed (each retry counts).
+    pub failed: AtomicU64,
+    /// Commits per bucket of `COMMIT_BUCKETS` (not cumulative); the last
+    /// slot is beyond the largest bound.
+    pub buckets: [AtomicU64; COMMIT_BUCKETS.len() + 1],
+    /// Total time of the committed attempts, in microseconds.
+    pub micros: AtomicU64,
+    /// When the last commit ended, unix milliseconds; 0 before the first.
+    pub last_ms: AtomicU64,
+    /// When the first failed attempt of the batch still failing began,
+    /// unix milliseconds; 0 while commits succeed.
+    pub failing_since_ms: AtomicU64,
+}
+
+impl CommitLog {
+    /// Records a commit that took `took` and ended at `now_ms`.
+    pub fn committed(&self, took: Duration, now_ms: u64) {
+        let seconds = took.as_secs_f64();
+        let bucket = COMMIT_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(COMMIT_BUCKETS.len());
+        Ledger::add(&self.buckets[bucket], 1);
+        Ledger::add(&self.micros, took.as_micros() as u64);
+        Ledger::add(&self.ok, 1);
+        self.last_ms.store(now_ms, Ordering::Relaxed);
+        self.failing_since_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failed attempt of a batch first tried at `since_ms`.
+    pub fn failed(&self, since_ms: u64) {
+        Ledger::add(&self.failed, 1);
+        let _ = self.failing_since_ms.compare_exchange(
+            0,
+            since_ms.max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// The time now in unix milliseconds.
+pub fn unix_ms() -> u64 {
+    (crate::reading::unix_now() * 1e3) as u64
 }
 
 /// A point-in-time copy of the ledger, plus the socket's kernel drop counter.
@@ -69,6 +144,11 @@ pub struct Counts {
     pub unread: u64,
     /// Rejections by reason, indexed by `Rejection::index`.
     pub rejected_by_reason: [u64; Rejection::KINDS],
+    /// The receive buffer's fullest, in thousandths: since the last stats
+    /// line in the stats line, over the run in the shutdown line.
+    pub buffer_peak: u64,
+    /// Readings deleted by `--retain`.
+    pub expired: u64,
 }
 
 impl Ledger {
@@ -109,9 +189,26 @@ impl Ledger {
             kernel_drops,
             unread: unread + get(&self.discarded),
             rejected_by_reason: self.rejected_by_reason.each_ref().map(get),
+            buffer_peak: get(&self.buffer_peak_run).max(get(&self.buffer_peak)),
+            expired: get(&self.expired),
         }
         .with_queued()
     }
+
+    /// `snapshot`, with the buffer's peak since the last call of this (for
+    /// the periodic stats line), which starts a new period.
+    pub fn period_snapshot(&self, kernel_drops: u64) -> Counts {
+        let mut counts = self.snapshot(kernel_drops);
+        let peak = self.buffer_peak.swap(0, Ordering::Relaxed);
+        self.buffer_peak_run.fetch_max(peak, Ordering::Relaxed);
+        counts.buffer_peak = peak;
+        counts
+    }
+}
+
+/// Thousandths as a percentage with one decimal: `93.5`.
+pub fn percent(thousandths: u64) -> String {
+    format!("{}.{}", thousandths / 10, thousandths % 10)
 }
 
 impl Counts {
@@ -147,7 +244,7 @@ impl fmt::Display for Counts {
         write!(
             f,
             "received={} accepted={} rejected={}{} denied={} persisted={} queued={} \
-             dead_letter={} kernel_drops={}",
+             dead_letter={} kernel_drops={} expired={} buffer_peak={}%",
             self.received,
             self.accepted,
             self.rejected,
@@ -156,7 +253,9 @@ impl fmt::Display for Counts {
             self.persisted,
             self.queued,
             self.dead_letter,
-            self.kernel_drops
+            self.kernel_drops,
+            self.expired,
+            percent(self.buffer_peak)
         )
     }
 }

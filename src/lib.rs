@@ -7,27 +7,39 @@
 //! - `receiver`: the UDP receive loop (thread `receiver`). Sockets and the
 //!   channel, never the database. `datagrams` reads many datagrams per
 //!   system call for it.
-//! - `persister`: the batching thread (thread `persister`) and
-//!   `ShutdownGuard`, whose `Drop` is the final flush. The channel and a
-//!   `Store`, never sockets.
+//! - `persister`: the batching thread (thread `persister`); readings the
+//!   database refuses for good go to the dead-letter file. The channel and
+//!   a `Store`, never sockets.
+//! - `shutdown`: the whole stop path: the trigger every thread watches,
+//!   and in `shutdown::guard` the `ShutdownGuard`, whose `Drop` is the
+//!   final flush, with each phase bounded.
 //! - `store`: the `Store` trait and its SQLite and PostgreSQL
 //!   implementations. SQL only.
-//! - `spill`: the spill file written when the final flush cannot commit,
-//!   and its replay at start.
-//! - `server`: `sensord serve`, wiring the above to a socket and a store.
+//! - `spill`: the spill file written when the final flush cannot commit
+//!   (atomic, locked to one instance), its replay at start, and the
+//!   dead-letter file.
+//! - `server`: `sensord serve`: start-up (open the store, replay a spill),
+//!   then wiring the above to a socket and a store.
+//! - `http`: `--http`, the `/metrics` and `/health` pages (thread `http`).
+//!   It reads counters, and never writes.
+//! - `retention`: `--retain`, deleting old readings through a store
+//!   connection of its own (thread `retention`).
 //! - `client`, `stats`: `sensord send` and `sensord stats`.
-//! - `ledger`, `shutdown`, `error`: counters, the stop trigger, the error type.
+//! - `ledger`, `error`: counters, the error type.
 //!
-//! Dependencies flow one way: main → server/client/stats → receiver/persister
-//! → store/spill/reading → error.
+//! Dependencies flow one way: main → server/client/stats →
+//! http/receiver/persister/retention/shutdown → store/spill/reading/ledger
+//! → error.
 
 pub mod client;
 pub mod datagrams;
 pub mod error;
+pub mod http;
 pub mod ledger;
 pub mod persister;
 pub mod reading;
 pub mod receiver;
+pub mod retention;
 pub mod server;
 pub mod shutdown;
 pub mod spill;

@@ -14,9 +14,9 @@ use sensord::client::{self, SendConfig, SensorIds};
 use sensord::persister::BatchConfig;
 use sensord::reading::{ExtraFields, Format, SensorId, TimestampUnit};
 use sensord::receiver::{self, Cidr};
-use sensord::server::{self, Config};
+use sensord::server::{self, Config, Ops};
 use sensord::spill::{self, Spill};
-use sensord::{Error, Shutdown, stats, store};
+use sensord::{Error, Shutdown, http, stats, store};
 
 /// The version and the commit it was built from.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SENSORD_BUILD"), ")");
@@ -118,6 +118,14 @@ struct ServeArgs {
     /// PGPASSWORD gives a password.
     #[arg(long, value_name = "PATH")]
     db_password_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at /metrics and a health check at /health
+    /// on this address, e.g. 127.0.0.1:9108 [default: off].
+    #[arg(long, value_name = "IP:PORT", value_parser = socket_addr)]
+    http: Option<SocketAddr>,
+    /// Delete readings whose ingested_at is older than this, e.g. 30d
+    /// [default: keep everything].
+    #[arg(long, value_name = "DURATION", value_parser = parse_retention)]
+    retain: Option<Duration>,
 }
 
 #[derive(clap::Args)]
@@ -205,6 +213,15 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A retention period: a duration of at least one second.
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(duration)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -256,19 +273,30 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
     store::check_folder(&args.db)?;
     let spill = Spill::claim(&spill_path)?;
     let socket = receiver::bind(args.bind, args.recv_buffer)?;
+    let http = args.http.map(http::Listener::bind).transpose()?;
     let options = store::Options {
         busy_timeout: args.busy_timeout,
         table: args.table,
         stop: Some(shutdown.clone()),
         password_file: args.db_password_file,
     };
-    let store = start_up(
+    let (store, replayed) = server::start_up(
         &args.db,
         &options,
         &spill,
         args.skip_bad_spill_lines,
         &shutdown,
     )?;
+    // Its own connection, so deleting never waits for the persister's.
+    let retention = match args.retain {
+        Some(retain) => Some((retain, store::open(&args.db, &options)?)),
+        None => None,
+    };
+    let ops = Ops {
+        http,
+        retention,
+        spill_files_replayed: replayed.files,
+    };
     let config = Config {
         batch: BatchConfig {
             batch_size: usize::try_from(args.batch_size).unwrap_or(usize::MAX),
@@ -283,7 +311,7 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
             extra_fields: args.extra_fields,
         },
     };
-    let outcome = server::run(socket, store, spill, config, shutdown)?;
+    let outcome = server::run(socket, store, spill, config, ops, shutdown)?;
     info!("{}", outcome.shutdown_line());
     if outcome.counts.dead_letter > 0 {
         warn!(
@@ -297,74 +325,6 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
     } else {
         error!("exiting with status 1: not everything received is in the database");
         Ok(ExitCode::FAILURE)
-    }
-}
-
-/// Opens the store and imports a spill file left by an earlier run. A
-/// stop request meanwhile interrupts the database work, leaves the spill
-/// file as it was (its import is one transaction), and ends start-up.
-fn start_up(
-    db: &str,
-    options: &store::Options,
-    spill: &Spill,
-    skip_bad_spill_lines: bool,
-    shutdown: &Shutdown,
-) -> Result<Box<dyn store::Store>, Error> {
-    let stopped = |phase: &str| {
-        Error::Config(format!(
-            "stopped during start-up ({phase}); nothing was imported and the spill file, if \
-             any, is kept"
-        ))
-    };
-    let mut store = store::open(db, options).map_err(|e| {
-        if shutdown.requested() {
-            stopped("opening the database")
-        } else {
-            e
-        }
-    })?;
-    if shutdown.requested() {
-        return Err(stopped("opening the database"));
-    }
-    let replayed = {
-        let _watch = InterruptOnStop::start(shutdown.clone(), store.interrupter());
-        spill.replay(store.as_mut(), skip_bad_spill_lines)
-    };
-    match replayed {
-        Err(_) if shutdown.requested() => Err(stopped("replaying the spill file")),
-        Err(e) => Err(e),
-        Ok(_) if shutdown.requested() => Err(Error::Config(
-            "stopped during start-up, after the spill file was imported".into(),
-        )),
-        Ok(_) => Ok(store),
-    }
-}
-
-/// While it lives, a thread interrupts the store as soon as a stop is
-/// requested (and again every 50 ms, as an interrupt between two
-/// statements is lost). Dropping it ends the thread.
-struct InterruptOnStop {
-    _done: crossbeam_channel::Sender<()>,
-}
-
-impl InterruptOnStop {
-    fn start(shutdown: Shutdown, interrupt: store::Interrupter) -> Self {
-        let (done, until) = crossbeam_channel::bounded::<()>(0);
-        let spawned = std::thread::Builder::new()
-            .name("start-up".into())
-            .spawn(move || {
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    until.recv_timeout(Duration::from_millis(50))
-                {
-                    if shutdown.requested() {
-                        interrupt();
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            warn!("cannot watch for stop requests during start-up: {e}");
-        }
-        InterruptOnStop { _done: done }
     }
 }
 

@@ -270,15 +270,19 @@ impl Persister {
         };
         let n = batch.len();
         let started = Instant::now();
+        let started_ms = ledger::unix_ms();
         let mut delay = FIRST_BACKOFF;
         let mut attempt = 1u32;
         loop {
             #[cfg(feature = "failpoints")]
             fail::fail_point!("persister::commit");
+            let attempt_started = Instant::now();
             let result = lock(&self.shared.store).write_batch(id, &batch);
             match result {
                 Ok(refused) => {
                     self.shared.committed(n, &refused);
+                    let commits = &self.shared.ledger.commits;
+                    commits.committed(attempt_started.elapsed(), ledger::unix_ms());
                     debug!(
                         "committed {n} readings in {:.1} ms",
                         started.elapsed().as_secs_f64() * 1e3
@@ -291,6 +295,7 @@ impl Persister {
                     return Some(held.readings.len());
                 }
                 Err(e) => {
+                    self.shared.ledger.commits.failed(started_ms);
                     // One line per backoff level, then one per minute at the cap.
                     if delay < MAX_BACKOFF || attempt.is_multiple_of(12) {
                         warn!(

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -43,8 +44,51 @@ pub fn bind(addr: SocketAddr, recv_buffer: usize) -> Result<UdpSocket, Error> {
         what: "set the receive buffer size",
         source,
     })?;
-    info!("receive buffer: asked for {recv_buffer} bytes, kernel granted {granted}");
+    // Linux grants double what it is asked (its bookkeeping share), capped
+    // at net.core.rmem_max without CAP_NET_ADMIN.
+    let wanted = recv_buffer.min(libc::c_int::MAX as usize / 2) * 2;
+    if granted > 0 && granted < wanted {
+        warn!(
+            "receive buffer: asked for {recv_buffer} bytes, kernel granted only {granted} \
+             (net.core.rmem_max caps it without CAP_NET_ADMIN); bursts beyond it are dropped \
+             and counted in kernel_drops. Raise the cap: sysctl -w net.core.rmem_max={recv_buffer}"
+        );
+    } else {
+        info!("receive buffer: asked for {recv_buffer} bytes, kernel granted {granted}");
+    }
     Ok(socket)
+}
+
+/// How full the socket's receive buffer is, in thousandths of its size, by
+/// the kernel's own accounting (SO_MEMINFO); None where unknown.
+#[cfg(target_os = "linux")]
+fn receive_buffer_fill(socket: &UdpSocket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // asm-generic's value (x86, ARM, RISC-V); not exported by libc.
+    const SO_MEMINFO: libc::c_int = 55;
+    let mut info = [0u32; 16];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: fd is an open socket; `info` and `len` describe a live
+    // buffer the kernel fills up to `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let (alloc, size) = (
+        info[libc::SK_MEMINFO_RMEM_ALLOC as usize],
+        info[libc::SK_MEMINFO_RCVBUF as usize],
+    );
+    (rc == 0 && size > 0).then(|| u64::from(alloc) * 1000 / u64::from(size))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn receive_buffer_fill(_socket: &UdpSocket) -> Option<u64> {
+    None
 }
 
 /// Sets SO_RCVBUF, trying SO_RCVBUFFORCE first (it lifts the
@@ -399,10 +443,10 @@ impl Receiver {
     ) {
         match refuse_new_datagrams(&self.socket) {
             // Plus one: zero means "not stopping".
-            Ok(()) => self.ledger.drops_at_stop.store(
-                kernel_drops(&self.socket) + 1,
-                std::sync::atomic::Ordering::Relaxed,
-            ),
+            Ok(()) => self
+                .ledger
+                .drops_at_stop
+                .store(kernel_drops(&self.socket) + 1, Ordering::Relaxed),
             Err(e) => warn!(
                 "cannot attach a socket filter ({}); the drain is bounded by time and count only",
                 error::io_cause(&e)
@@ -450,6 +494,10 @@ impl Receiver {
         rejections: &mut Vec<Rejection>,
         limit: usize,
     ) -> u64 {
+        // Sampled once per chunk, before reading: the buffer is fullest then.
+        if let Some(fill) = receive_buffer_fill(&self.socket) {
+            self.ledger.buffer_peak.fetch_max(fill, Ordering::Relaxed);
+        }
         let mut handled = 0;
         loop {
             let received_at = datagrams.received_at();

@@ -92,6 +92,8 @@ pub struct Replayed {
     pub imported: u64,
     /// Readings the database refused, now in the dead-letter file.
     pub dead_letter: u64,
+    /// Spill files imported: 1 if there was one to import, else 0.
+    pub files: u64,
 }
 
 /// This instance's claim on a spill path: the lock is held until dropped.
@@ -279,6 +281,7 @@ impl Spill {
                 Replayed {
                     imported: imported.stored,
                     dead_letter,
+                    files: 1,
                 }
             }
             None => {

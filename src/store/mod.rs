@@ -97,12 +97,31 @@ pub trait Store: Send {
     /// for `sensord stats`.
     fn summary(&mut self, filter: &Filter) -> Result<Summary, Error>;
 
+    /// Deletes readings whose `ingested_at` is before `before` (unix
+    /// seconds), in one short transaction: sensor by sensor in id order,
+    /// from sensor `from` on, until `limit` readings are deleted or `limit`
+    /// sensors looked at. Each sensor's old readings are found through the
+    /// `(sensor_id, ingested_at)` index, so a step costs about `limit`
+    /// index look-ups however large the table, and ingest waits for the
+    /// write lock no longer than that.
+    fn expire(&mut self, before: f64, from: i64, limit: usize) -> Result<Expired, Error>;
+
     /// True once the store found that the database it writes was deleted
     /// or replaced under it while running (and recovered by reopening):
     /// such a run must not report a clean stop.
     fn replaced(&self) -> bool {
         false
     }
+}
+
+/// What one `Store::expire` step did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Readings deleted.
+    pub deleted: u64,
+    /// The sensor id the next step starts from; None once the step went
+    /// past the last sensor, which ends a pass over the table.
+    pub resume: Option<i64>,
 }
 
 /// What `sensord stats` reports.

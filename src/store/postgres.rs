@@ -50,8 +50,8 @@ use postgres::{CancelToken, Client, Config, NoTls, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    BatchId, Filter, Imported, Interrupter, NameKeys, Options, Refusal, SensorSummary, SpillBatch,
-    Store, Summary, add_extra_measurements, per_sensor_sql,
+    BatchId, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal, SensorSummary,
+    SpillBatch, Store, Summary, add_extra_measurements, per_sensor_sql,
 };
 use crate::error::{Error, io_cause};
 use crate::reading::{NAME_KEYS, Reading};
@@ -1222,6 +1222,61 @@ impl Store for PostgresStore {
                     cancelling.store(false, Ordering::SeqCst);
                 }
             }
+        })
+    }
+
+    fn expire(&mut self, before: f64, from: i64, limit: usize) -> Result<Expired, Error> {
+        let what = format!(
+            "cannot delete expired readings from table {} in {}",
+            self.table, self.url
+        );
+        let table = quoted(&self.table);
+        let limit = limit.max(1) as i64;
+        let client = self
+            .client()
+            .map_err(|e| Error::database(&what, e.cause()))?;
+        let result = (|| -> Result<Expired, postgres::Error> {
+            let mut tx = client.transaction()?;
+            let next = tx.prepare(&format!(
+                "SELECT sensor_id FROM {table} WHERE sensor_id >= $1 \
+                 ORDER BY sensor_id LIMIT 1"
+            ))?;
+            let delete = tx.prepare(&format!(
+                "DELETE FROM {table} WHERE ctid IN ( \
+                     SELECT ctid FROM {table} \
+                     WHERE sensor_id = $1 AND ingested_at < to_timestamp($2) LIMIT $3)"
+            ))?;
+            let mut expired = Expired {
+                deleted: 0,
+                resume: Some(from),
+            };
+            let mut looked_at = 0;
+            while let Some(at) = expired.resume {
+                if expired.deleted >= limit as u64 || looked_at >= limit {
+                    break;
+                }
+                looked_at += 1;
+                let Some(row) = tx.query_opt(&next, &[&at])? else {
+                    expired.resume = None;
+                    break;
+                };
+                let sensor: i64 = row.try_get(0)?;
+                let left = limit - expired.deleted as i64;
+                let deleted = tx.execute(&delete, &[&sensor, &before, &left])?;
+                expired.deleted += deleted;
+                // The limit may have stopped it short of this sensor's last.
+                expired.resume = if (deleted as i64) < left {
+                    sensor.checked_add(1)
+                } else {
+                    Some(sensor)
+                };
+            }
+            tx.commit()?;
+            Ok(expired)
+        })();
+        result.map_err(|e| {
+            self.disconnect();
+            Error::database(what, cause(&e))
         })
     }
 

@@ -25,7 +25,7 @@ use rusqlite::{
 };
 
 use super::{
-    BatchId, DEFAULT_TABLE, Filter, Imported, Interrupter, NameKeys, Options, Refusal,
+    BatchId, DEFAULT_TABLE, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal,
     SensorSummary, SpillBatch, Store, Summary, add_extra_measurements, check_name_key,
     per_sensor_sql,
 };
@@ -1192,6 +1192,61 @@ impl Store for SqliteStore {
             readings: readings as u64,
             span: first.zip(last),
             per_sensor,
+        })
+    }
+
+    /// Sensors whose `sensor_id` is not an integer (written by another
+    /// program) are passed over: they cannot be walked in id order.
+    fn expire(&mut self, before: f64, from: i64, limit: usize) -> Result<Expired, Error> {
+        let limit = limit.max(1) as u64;
+        let step = || -> rusqlite::Result<Expired> {
+            let tx = self.begin()?;
+            let mut expired = Expired {
+                deleted: 0,
+                resume: Some(from),
+            };
+            let mut looked_at = 0;
+            while let Some(at) = expired.resume {
+                if expired.deleted >= limit || looked_at >= limit {
+                    break;
+                }
+                looked_at += 1;
+                let sensor: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT sensor_id FROM sensor_measurements \
+                         WHERE sensor_id >= ?1 AND typeof(sensor_id) = 'integer' \
+                         ORDER BY sensor_id LIMIT 1",
+                    )?
+                    .query_row([at], |row| row.get(0))
+                    .optional()?;
+                let Some(sensor) = sensor else {
+                    expired.resume = None;
+                    break;
+                };
+                let left = limit - expired.deleted;
+                let deleted =
+                    tx.prepare_cached(
+                        "DELETE FROM sensor_measurements WHERE rowid IN ( \
+                             SELECT rowid FROM sensor_measurements \
+                             WHERE sensor_id = ?1 AND ingested_at < ?2 LIMIT ?3)",
+                    )?
+                    .execute(params![sensor, before, left as i64])? as u64;
+                expired.deleted += deleted;
+                // The limit may have stopped it short of this sensor's last.
+                expired.resume = if deleted < left {
+                    sensor.checked_add(1)
+                } else {
+                    Some(sensor)
+                };
+            }
+            tx.commit()?;
+            Ok(expired)
+        };
+        step().map_err(|e| {
+            Error::database(
+                format!("cannot delete expired readings from {}", self.path),
+                cause(&e),
+            )
         })
     }
 

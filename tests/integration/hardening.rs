@@ -399,3 +399,79 @@ fn stats_stops_on_the_first_ctrl_c() {
     assert!(!status.success());
     drop(holder);
 }
+
+/// The stats and shutdown lines show how full the receive buffer got, so
+/// an operator sees a burst coming before anything is dropped.
+#[test]
+fn buffer_peak_shows_a_burst() {
+    let scratch = Scratch::new();
+    let mut server = Server::start(
+        scratch.path(),
+        &["--db", scratch.db_arg(), "--recv-buffer", "262144"],
+    );
+    signal(server.pid(), libc::SIGSTOP);
+    send_datagrams(server.addr, (0..300).map(reading));
+    signal(server.pid(), libc::SIGCONT);
+    thread::sleep(Duration::from_millis(300));
+    server.stop_clean();
+    let line = server.wait_for_line("shutdown complete:", EXIT);
+    let peak: f64 = line
+        .split("buffer_peak=")
+        .nth(1)
+        .and_then(|rest| rest.trim_end_matches('%').parse().ok())
+        .unwrap_or_else(|| panic!("no buffer_peak in {line}"));
+    assert!(peak > 20.0, "300 datagrams in a 256 KiB buffer: {line}");
+    assert_eq!(
+        row_count(&scratch.db),
+        300 - server.shutdown_counts()["kernel_drops"]
+    );
+}
+
+/// Without CAP_NET_ADMIN (here: as `nobody`), a receive buffer capped by
+/// net.core.rmem_max is a WARN naming the sysctl that raises it.
+#[test]
+fn capped_receive_buffer_is_a_warning() {
+    if unsafe { libc::geteuid() } != 0 {
+        // Not root: sensord runs without CAP_NET_ADMIN as it is.
+        let scratch = Scratch::new();
+        let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
+        server.wait_for_line("sysctl -w net.core.rmem_max=134217728", EXIT);
+        server.stop_clean();
+        return;
+    }
+    let scratch = Scratch::new();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let mut child = std::process::Command::new("runuser")
+        .args([
+            "-u",
+            "nobody",
+            "--",
+            bin(),
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+        ])
+        .args(["--db", scratch.db_arg(), "--stats-interval", "0"])
+        .current_dir(scratch.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let deadline = Instant::now() + EXIT;
+    let warning = loop {
+        let line = lines.next().expect("sensord ended early").unwrap();
+        if line.contains("receive buffer:") {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no receive buffer line");
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains("sysctl -w net.core.rmem_max=134217728"),
+        "{warning}"
+    );
+}

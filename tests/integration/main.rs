@@ -5,6 +5,7 @@
 mod cli;
 mod faults;
 mod hardening;
+mod ops;
 mod postgres;
 mod sensors;
 mod serve;

@@ -1656,3 +1656,51 @@ fn pg_old_table_is_upgraded_in_place() {
     server.stop_clean();
     assert!(!server.log_text().contains("upgraded table"));
 }
+
+/// --retain on PostgreSQL: readings that arrive a day old are stored, then
+/// deleted and counted as expired; readings within the horizon stay.
+#[test]
+fn pg_retention_deletes_old_readings_and_counts_them() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("retain");
+    let scratch = Scratch::new();
+    let mut server = Server::start(
+        scratch.path(),
+        &["--db", &url, "--retain", "2s", "--stats-interval", "50ms"],
+    );
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let reading = |sensor: usize, at: f64| {
+        format!(
+            r#"{{"sensor_id": {sensor}, "temperature": 1.5, "humidity": 0.5, "ingested_at": {at}}}"#
+        )
+    };
+    let old = (0..2000).map(|i| reading(i % 40, now - 86_400.0 + i as f64));
+    // Ahead of the clock, so within the horizon however slow the test runs.
+    let recent = (0..300).map(|i| reading(i % 70, now + 600.0));
+    send_datagrams(server.addr, old.chain(recent));
+    server.wait_for_count("persisted", 2300, EXIT);
+    let mut client = connect(&url);
+    let deadline = Instant::now() + EXIT;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE ingested_at < now()) \
+                 FROM sensor_measurements",
+                &[],
+            )
+            .unwrap();
+        let (rows, past): (i64, i64) = (row.get(0), row.get(1));
+        if rows == 300 {
+            assert_eq!(past, 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows} rows");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let counts = server.stop_clean();
+    assert_eq!(counts["persisted"], 2300);
+    assert_eq!(counts["expired"], 2000);
+}
