@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use sensord::Reading;
-use sensord::reading::{Format, SensorId, parse_datagram};
+use sensord::reading::{Format, ReadingParts, Sensor, SensorId, parse_datagram};
 use sensord::store::sqlite::SqliteStore;
 use sensord::store::{self, BatchId, Options, Store};
 
@@ -52,14 +52,14 @@ fn readings(rng: &mut StdRng, n: usize, start: f64) -> Vec<Reading> {
     (0..n)
         .map(|i| {
             let at = start + i as f64 * 1e-6;
-            Reading {
+            Reading::from(ReadingParts {
                 sensor_id: SensorId::Int(rng.random_range(10..=1000)),
                 temperature: Some(rng.random_range(1.0..35.0)),
                 humidity: Some(rng.random_range(1.0..12.0)),
                 ingested_at: at,
                 received_at: at,
                 extra: None,
-            }
+            })
         })
         .collect()
 }
@@ -69,13 +69,13 @@ fn readings(rng: &mut StdRng, n: usize, start: f64) -> Vec<Reading> {
 fn named_readings(rng: &mut StdRng, n: usize, start: f64) -> Vec<Reading> {
     let (mut out, mut rejections) = (Vec::with_capacity(n), Vec::new());
     for r in readings(rng, n, start) {
-        let SensorId::Int(id) = r.sensor_id else {
+        let Sensor::Int(id) = r.sensor() else {
             unreachable!("`readings` makes integer ids")
         };
         let datagram = format!(
             r#"{{"sensor_id":"esp32-{id}","temperature":{},"humidity":{},"pressure":{},"rssi":{},"ingested_at":{}}}"#,
-            r.temperature.unwrap_or_default(),
-            r.humidity.unwrap_or_default(),
+            r.temperature().unwrap_or_default(),
+            r.humidity().unwrap_or_default(),
             1000.0 + r.ingested_at.fract() * 50.0,
             -(id % 60) - 30,
             r.ingested_at

@@ -467,14 +467,14 @@ mod tests {
     use super::*;
 
     fn reading(sensor_id: i64) -> Reading {
-        Reading {
+        Reading::from(crate::reading::ReadingParts {
             sensor_id: crate::reading::SensorId::Int(sensor_id),
             temperature: Some(21.123456789012345),
             humidity: Some(0.1),
             ingested_at: 1764150000.123456,
             received_at: 1764150000.5,
             extra: None,
-        }
+        })
     }
 
     fn readings(batches: &[SpillBatch]) -> Vec<Reading> {

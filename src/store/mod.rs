@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use crate::error::Error;
-use crate::reading::{NAME_KEYS, Reading, SensorId};
+use crate::reading::{NAME_KEYS, Reading, Sensor, SensorId};
 
 pub mod postgres;
 pub mod sqlite;
@@ -281,9 +281,9 @@ impl NameKeys {
     fn unknown<'a>(&self, readings: &'a [Reading]) -> Vec<&'a str> {
         let mut unknown: Vec<&str> = Vec::new();
         for r in readings {
-            if let SensorId::Name(name) = &r.sensor_id
+            if let Sensor::Name(name) = r.sensor()
                 && !self.keys.contains_key(name)
-                && !unknown.contains(&&**name)
+                && !unknown.contains(&name)
             {
                 unknown.push(name);
             }
@@ -315,11 +315,11 @@ impl NameKeys {
     }
 
     /// The integer stored in `sensor_id` for `id`.
-    fn key(&self, id: &SensorId) -> i64 {
-        match id {
-            SensorId::Int(id) => *id,
+    fn key(&self, sensor: Sensor<'_>) -> i64 {
+        match sensor {
+            Sensor::Int(id) => id,
             // Every write resolves its names first, in its transaction.
-            SensorId::Name(name) => self.keys[name],
+            Sensor::Name(name) => self.keys[name],
         }
     }
 }
@@ -381,10 +381,10 @@ pub fn sort_for_index_on_two_threads(readings: &mut [Reading]) {
 }
 
 fn index_order(a: &Reading, b: &Reading) -> std::cmp::Ordering {
-    match (&a.sensor_id, &b.sensor_id) {
-        // The common case without `SensorId::cmp`'s variant check.
-        (SensorId::Int(x), SensorId::Int(y)) => x.cmp(y),
-        (x, y) => x.cmp(y),
+    match (a.sensor(), b.sensor()) {
+        // The common case without `Sensor::cmp`'s variant check.
+        (Sensor::Int(x), Sensor::Int(y)) => x.cmp(&y),
+        (x, y) => x.cmp(&y),
     }
     .then(a.ingested_at.total_cmp(&b.ingested_at))
 }
@@ -488,18 +488,21 @@ pub fn is_url(db: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reading::ReadingParts;
 
     /// Readings from 991 sensors in arrival order, with distinct times, so
     /// index order is one exact order.
     fn arrivals(n: usize) -> Vec<Reading> {
         (0..n)
-            .map(|i| Reading {
-                sensor_id: SensorId::Int(((i * 7919) % 991) as i64),
-                temperature: Some((i % 97) as f64),
-                humidity: Some((i % 89) as f64),
-                ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
-                received_at: 1_764_150_000.0,
-                extra: None,
+            .map(|i| {
+                Reading::from(ReadingParts {
+                    sensor_id: SensorId::Int(((i * 7919) % 991) as i64),
+                    temperature: Some((i % 97) as f64),
+                    humidity: Some((i % 89) as f64),
+                    ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
+                    received_at: 1_764_150_000.0,
+                    extra: None,
+                })
             })
             .collect()
     }

@@ -851,12 +851,12 @@ fn copy_in(
     let mut writer = BinaryCopyInWriter::new(tx.copy_in(copy)?, &types);
     for r in readings {
         writer.write(&[
-            &names.key(&r.sensor_id),
-            &r.temperature,
-            &r.humidity,
+            &names.key(r.sensor()),
+            &r.temperature(),
+            &r.humidity(),
             &timestamp(r.ingested_at),
             &timestamp(r.received_at),
-            &r.extra.as_ref().map(|e| Jsonb(e.as_str())),
+            &r.extra().map(|e| Jsonb(e.as_str())),
         ])?;
     }
     writer.finish()?;

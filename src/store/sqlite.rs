@@ -783,12 +783,12 @@ fn bind_rows(
 ) -> rusqlite::Result<()> {
     for (i, r) in rows.iter().enumerate() {
         let at = 6 * i;
-        insert.raw_bind_parameter(at + 1, names.key(&r.sensor_id))?;
-        insert.raw_bind_parameter(at + 2, r.temperature)?;
-        insert.raw_bind_parameter(at + 3, r.humidity)?;
+        insert.raw_bind_parameter(at + 1, names.key(r.sensor()))?;
+        insert.raw_bind_parameter(at + 2, r.temperature())?;
+        insert.raw_bind_parameter(at + 3, r.humidity())?;
         insert.raw_bind_parameter(at + 4, r.ingested_at)?;
         insert.raw_bind_parameter(at + 5, r.received_at)?;
-        insert.raw_bind_parameter(at + 6, r.extra.as_ref().map(|e| e.as_str()))?;
+        insert.raw_bind_parameter(at + 6, r.extra().map(|e| e.as_str()))?;
     }
     Ok(())
 }
@@ -1261,13 +1261,15 @@ mod tests {
 
     fn readings(n: usize, seed: usize) -> Vec<Reading> {
         (0..n)
-            .map(|i| Reading {
-                sensor_id: crate::reading::SensorId::Int(((i * 7919 + seed) % 991) as i64),
-                temperature: Some(20.0 + (i % 97) as f64 / 7.0),
-                humidity: Some((i % 89) as f64 / 89.0),
-                ingested_at: 1_764_150_000.0 + (seed + i) as f64 / 1000.0,
-                received_at: 1_764_150_000.5,
-                extra: None,
+            .map(|i| {
+                Reading::from(crate::reading::ReadingParts {
+                    sensor_id: crate::reading::SensorId::Int(((i * 7919 + seed) % 991) as i64),
+                    temperature: Some(20.0 + (i % 97) as f64 / 7.0),
+                    humidity: Some((i % 89) as f64 / 89.0),
+                    ingested_at: 1_764_150_000.0 + (seed + i) as f64 / 1000.0,
+                    received_at: 1_764_150_000.5,
+                    extra: None,
+                })
             })
             .collect()
     }

@@ -825,14 +825,14 @@ fn store_options() -> sensord::store::Options {
 
 /// Reading `i` of a test batch: distinct `ingested_at`, a sane temperature.
 fn reading(i: usize, temperature: f64) -> sensord::Reading {
-    sensord::Reading {
+    sensord::Reading::from(sensord::reading::ReadingParts {
         sensor_id: sensord::reading::SensorId::Int((i % 7) as i64),
         temperature: Some(temperature),
         humidity: Some(0.5),
         ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
         received_at: 1_764_150_000.0,
         extra: None,
-    }
+    })
 }
 
 fn row_count(url: &str) -> i64 {

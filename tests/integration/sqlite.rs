@@ -48,15 +48,20 @@ fn poisoned_table(db: &Path) {
 /// `n` readings with distinct times; those at `poison` are 5000 degrees.
 fn readings(n: usize, poison: &[usize]) -> Vec<Reading> {
     (0..n)
-        .map(|i| Reading {
-            sensor_id: sensord::reading::SensorId::Int((i % 10) as i64),
-            temperature: Some(if poison.contains(&i) { 5000.0 } else { 20.5 }),
-            humidity: Some(0.5),
-            ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
-            received_at: 1_764_150_000.0,
-            extra: None,
-        })
+        .map(|i| reading(i, if poison.contains(&i) { 5000.0 } else { 20.5 }))
         .collect()
+}
+
+/// The `i`th of `readings`, at `temperature`.
+fn reading(i: usize, temperature: f64) -> Reading {
+    Reading::from(sensord::reading::ReadingParts {
+        sensor_id: sensord::reading::SensorId::Int((i % 10) as i64),
+        temperature: Some(temperature),
+        humidity: Some(0.5),
+        ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
+        received_at: 1_764_150_000.0,
+        extra: None,
+    })
 }
 
 fn id(seq: u64) -> BatchId {
@@ -598,10 +603,7 @@ fn the_interrupter_stops_a_long_bisection() {
     let scratch = Scratch::new();
     poisoned_table(&scratch.db);
     let mut store = open(&scratch.db);
-    let mut batch = readings(200_000, &[]);
-    for reading in &mut batch {
-        reading.temperature = Some(5000.0);
-    }
+    let batch: Vec<Reading> = (0..200_000).map(|i| reading(i, 5000.0)).collect();
     let interrupt = store.interrupter();
     let interrupter = thread::spawn(move || {
         thread::sleep(Duration::from_millis(200));
