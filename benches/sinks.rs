@@ -22,12 +22,15 @@ const INSERT_ROWS: usize = 1_000;
 
 fn readings(n: usize) -> Vec<Reading> {
     (0..n)
-        .map(|i| Reading {
-            sensor_id: (i % 1000) as i64,
-            temperature: 20.0 + (i % 97) as f64 / 7.0,
-            humidity: (i % 89) as f64 / 89.0,
-            ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
-            received_at: 1_764_150_000.5 + i as f64 / 1000.0,
+        .map(|i| {
+            Reading::from(sensord::reading::ReadingParts {
+                sensor_id: sensord::reading::SensorId::Int((i % 1000) as i64),
+                temperature: Some(20.0 + (i % 97) as f64 / 7.0),
+                humidity: Some((i % 89) as f64 / 89.0),
+                ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
+                received_at: 1_764_150_000.5 + i as f64 / 1000.0,
+                extra: None,
+            })
         })
         .collect()
 }
@@ -123,18 +126,28 @@ fn postgres_insert(c: &mut Criterion) {
         )
         .unwrap();
         for chunk in batch.chunks(INSERT_ROWS) {
-            let times: Vec<_> = chunk
+            let rows: Vec<_> = chunk
                 .iter()
-                .map(|r| (timestamp(r.ingested_at), timestamp(r.received_at)))
+                .map(|r| {
+                    let sensord::reading::Sensor::Int(id) = r.sensor() else {
+                        unreachable!("the bench's sensors are integers")
+                    };
+                    (
+                        id,
+                        r.temperature(),
+                        r.humidity(),
+                        timestamp(r.ingested_at),
+                        timestamp(r.received_at),
+                    )
+                })
                 .collect();
-            let params: Vec<&(dyn ToSql + Sync)> = chunk
+            let params: Vec<&(dyn ToSql + Sync)> = rows
                 .iter()
-                .zip(&times)
-                .flat_map(|(r, (ingested, received))| {
+                .flat_map(|(id, temperature, humidity, ingested, received)| {
                     [
-                        &r.sensor_id as &(dyn ToSql + Sync),
-                        &r.temperature,
-                        &r.humidity,
+                        id as &(dyn ToSql + Sync),
+                        temperature,
+                        humidity,
                         ingested,
                         received,
                     ]

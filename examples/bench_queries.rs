@@ -111,13 +111,14 @@ fn fill(db: &str, count: usize) {
             .map(|i| {
                 // Reading i falls in second i / fleet of the fleet's clock.
                 let at = START + (i / fleet) as f64 + rng.random_range(0.0..1.0);
-                Reading {
-                    sensor_id: rng.random_range(SENSORS),
-                    temperature: rng.random_range(1.0..35.0),
-                    humidity: rng.random_range(1.0..12.0),
+                Reading::from(sensord::reading::ReadingParts {
+                    sensor_id: sensord::reading::SensorId::Int(rng.random_range(SENSORS)),
+                    temperature: Some(rng.random_range(1.0..35.0)),
+                    humidity: Some(rng.random_range(1.0..12.0)),
                     ingested_at: at,
                     received_at: at + 0.001,
-                }
+                    extra: None,
+                })
             })
             .collect();
         store::sort_for_index(&mut batch);

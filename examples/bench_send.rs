@@ -8,13 +8,16 @@
 //! ids in 10-1000, temperature in [1, 35), humidity in [1, 12), and
 //! `ingested_at` increasing from the start time.
 //!
-//! Usage: `bench_send TO COUNT [--rate R]`. Without `--rate` it sends
-//! COUNT datagrams as fast as it can (the blast `scripts/bench.sh` uses).
-//! With it, it paces them at R datagrams/s, as `scripts/bench-knee.sh`
-//! needs: every millisecond a burst of what the schedule says is due
-//! (about R/1000, more after a late wake-up, so a stall is caught up), then
-//! it sleeps until the next millisecond. It never spins, so it costs what a
-//! remote sender's kernel work would, not a core.
+//! `named` sends the same readings from named sensors (`"esp32-517"`)
+//! with two extra fields, `pressure` and `rssi`.
+//!
+//! Usage: `bench_send TO COUNT [--rate R] [named]`. Without `--rate` it
+//! sends COUNT datagrams as fast as it can (the blast `scripts/bench.sh`
+//! uses). With it, it paces them at R datagrams/s, as
+//! `scripts/bench-knee.sh` needs: every millisecond a burst of what the
+//! schedule says is due (about R/1000, more after a late wake-up, so a
+//! stall is caught up), then it sleeps until the next millisecond. It never
+//! spins, so it costs what a remote sender's kernel work would, not a core.
 //!
 //! Prints `sent=N failed=F seconds=S cpu_seconds=C`: C is its own user +
 //! system CPU time (getrusage), for the report's sender CPU.
@@ -32,20 +35,30 @@ const POOL: usize = 1 << 16;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let rate: Option<f64> = match args.len() {
-        3 => None,
-        5 if args[3] == "--rate" => Some(
-            args[4]
-                .parse()
-                .ok()
-                .filter(|r: &f64| *r > 0.0)
-                .expect("R must be a positive number"),
-        ),
-        _ => {
-            eprintln!("usage: bench_send TO COUNT [--rate R]");
-            std::process::exit(2);
-        }
+    let usage = || -> ! {
+        eprintln!("usage: bench_send TO COUNT [--rate R] [named]");
+        std::process::exit(2);
     };
+    if args.len() < 3 {
+        usage();
+    }
+    let (mut rate, mut named) = (None::<f64>, false);
+    let mut rest = args[3..].iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--rate" => {
+                rate = rest
+                    .next()
+                    .and_then(|r| r.parse().ok())
+                    .filter(|r: &f64| *r > 0.0);
+                if rate.is_none() {
+                    usage();
+                }
+            }
+            "named" => named = true,
+            _ => usage(),
+        }
+    }
     let count: u64 = args[2].parse().expect("COUNT must be an integer");
     let socket = UdpSocket::bind("127.0.0.1:0").expect("loopback is bindable");
     socket.connect(&args[1]).expect("TO must be an address");
@@ -57,16 +70,27 @@ fn main() {
         .as_secs_f64();
     let pool: Vec<String> = (0..POOL)
         .map(|i| {
-            let mut datagram = String::with_capacity(128);
-            // Writing to a String cannot fail.
-            let _ = write!(
-                datagram,
-                r#"{{"sensor_id":{},"temperature":{},"humidity":{},"ingested_at":{}}}"#,
+            let mut datagram = String::with_capacity(192);
+            let (id, temperature, humidity, at) = (
                 rng.random_range(10..=1000),
                 rng.random_range(1.0..35.0),
                 rng.random_range(1.0..12.0),
-                start + i as f64 * 1e-6
+                start + i as f64 * 1e-6,
             );
+            // Writing to a String cannot fail.
+            let _ = if named {
+                write!(
+                    datagram,
+                    r#"{{"sensor_id":"esp32-{id}","temperature":{temperature},"humidity":{humidity},"pressure":{},"rssi":{},"ingested_at":{at}}}"#,
+                    rng.random_range(950.0..1050.0),
+                    rng.random_range(-90..-30),
+                )
+            } else {
+                write!(
+                    datagram,
+                    r#"{{"sensor_id":{id},"temperature":{temperature},"humidity":{humidity},"ingested_at":{at}}}"#,
+                )
+            };
             datagram
         })
         .collect();

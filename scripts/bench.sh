@@ -6,6 +6,8 @@
 #             measured just before and just after each e2e run
 #   e2e       `sensord serve` taking the same blast: first send -> last
 #             commit, rows counted in the database, loss = sent - stored
+#   named     the e2e run with named sensors ("esp32-517") and two extra
+#             fields (pressure, rssi) per reading
 #   drain     sensord stopped (SIGSTOP) while N datagrams fill its socket
 #             buffer, then SIGCONT -> last commit
 #   cpu       daemon CPU (utime+stime) per reading in the e2e run, and % of
@@ -134,10 +136,10 @@ wait_committed() {
 
 # blast ADDR COUNT: sends COUNT readings with bench_send; prints how many
 # went out (a send the kernel refused is not counted).
-blast() { "$BIN/examples/bench_send" "$1" "$2" | grep -o 'sent=[0-9]*' | cut -d= -f2; }
+blast() { "$BIN/examples/bench_send" "$@" | grep -o 'sent=[0-9]*' | cut -d= -f2; }
 
 # --- the measurements; each appends to its array ---------------------------
-declare -a CEIL E2E LOSS CPU_US RSS DRAIN DRAIN_LOSS FLUSH FLUSH_COMMIT FLUSH_Q IDLE SEND_OWN SEND_BARE
+declare -a CEIL E2E LOSS NAMED NAMED_LOSS CPU_US RSS DRAIN DRAIN_LOSS FLUSH FLUSH_COMMIT FLUSH_Q IDLE SEND_OWN SEND_BARE
 # Per thread (receiver, persister, checkpointer): CPU per reading in the e2e
 # and drain runs, and the share of the drain's wall time each was on a CPU.
 declare -a E2E_RECV_US E2E_PERS_US E2E_CKPT_US DRAIN_RECV_US DRAIN_PERS_US DRAIN_CKPT_US
@@ -178,6 +180,18 @@ measure_e2e() {
     E2E+=("$(calc "$ROWS / ($COMMITTED_AT - $t0)" 0)")
     LOSS+=("$((SENT - ROWS))")
     CPU_US+=("$(calc "($c1 - $c0) / $CLK_TCK * 1e6 / ($ROWS > 0 ? $ROWS : 1)" 2)")
+}
+
+# The e2e run with named sensors and two extra fields: rate and loss only.
+measure_named() {
+    local t0
+    start_daemon named 0
+    t0=$(now)
+    SENT=$(blast "$DADDR" "$N" named)
+    wait_committed "$SENT"
+    stop_daemon
+    NAMED+=("$(calc "$ROWS / ($COMMITTED_AT - $t0)" 0)")
+    NAMED_LOSS+=("$((SENT - ROWS))")
 }
 
 measure_drain() {
@@ -260,11 +274,12 @@ measure_senders() {
 }
 
 for ((rep = 1; rep <= REPS; rep++)); do
-    echo "repetition $rep/$REPS: senders, ceiling, e2e, ceiling, drain, flush, idle..." >&2
+    echo "repetition $rep/$REPS: senders, ceiling, e2e, ceiling, named, drain, flush, idle..." >&2
     measure_senders
     measure_ceiling
     measure_e2e
     measure_ceiling
+    measure_named
     measure_drain
     measure_flush
     measure_idle
@@ -297,6 +312,8 @@ ok() { awk "BEGIN { exit !($1) }" && echo met || echo "NOT met"; }
     printf '%-44s %14s  >= 0.95: %s\n' "  ratio to ceiling, median of repetitions" "$ratio" "$(ok "$ratio >= 0.95")"
     printf '%-44s %14s\n' "  ratio in each repetition" "$(join "${RATIOS[@]}")"
     printf '%-44s %14s  0: %s\n' "  loss (sent - stored), per run" "$(join "${LOSS[@]}")" "$(ok "$(m "${LOSS[@]}") == 0")"
+    printf '%-44s %14s\n' "named sensors + 2 extras, e2e (readings/s)" "$(m "${NAMED[@]}")"
+    printf '%-44s %14s\n' "  loss (sent - stored), per run" "$(join "${NAMED_LOSS[@]}")"
     printf '%-44s %14s  >= 1300000: %s\n' "drain capacity (readings/s)" "$(m "${DRAIN[@]}")" "$(ok "$(m "${DRAIN[@]}") >= 1300000")"
     printf '%-44s %14s\n' "  drain loss, per run" "$(join "${DRAIN_LOSS[@]}")"
     printf '%-44s %14s\n' "  receiver/persister/checkpointer (us)" \
@@ -328,6 +345,8 @@ cat >"$OUT" <<EOF
   "e2e_ratio": $ratio,
   "e2e_ratio_per_rep": [$(join "${RATIOS[@]}")],
   "e2e_loss": [$(join "${LOSS[@]}")],
+  "named_e2e_per_s": {"median": $(m "${NAMED[@]}"), "runs": [$(join "${NAMED[@]}")]},
+  "named_e2e_loss": [$(join "${NAMED_LOSS[@]}")],
   "drain_per_s": {"median": $(m "${DRAIN[@]}"), "runs": [$(join "${DRAIN[@]}")]},
   "drain_loss": [$(join "${DRAIN_LOSS[@]}")],
   "drain_thread_us_per_reading": {"receiver": [$(join "${DRAIN_RECV_US[@]}")], "persister": [$(join "${DRAIN_PERS_US[@]}")], "checkpointer": [$(join "${DRAIN_CKPT_US[@]}")]},

@@ -12,6 +12,7 @@ use log::{error, info, warn};
 
 use sensord::client::{self, SendConfig, SensorIds};
 use sensord::persister::BatchConfig;
+use sensord::reading::{ExtraFields, Format, SensorId, TimestampUnit};
 use sensord::receiver::{self, Cidr};
 use sensord::server::{self, Config, Ops};
 use sensord::spill::{self, Spill};
@@ -106,6 +107,13 @@ struct ServeArgs {
     /// Accept datagrams only from this network (repeatable), e.g. 10.0.0.0/8.
     #[arg(long, value_name = "CIDR")]
     allow: Vec<Cidr>,
+    /// The unit of numeric `ingested_at` values (RFC 3339 strings are
+    /// always understood).
+    #[arg(long, value_enum, default_value_t = TimestampUnit::S)]
+    timestamp_unit: TimestampUnit,
+    /// Store a reading's other fields in its `extra` column, or ignore them.
+    #[arg(long, value_enum, default_value_t = ExtraFields::Keep)]
+    extra_fields: ExtraFields,
     /// PostgreSQL password file (first line), used when neither the URL nor
     /// PGPASSWORD gives a password.
     #[arg(long, value_name = "PATH")]
@@ -154,9 +162,9 @@ struct StatsArgs {
     /// Show only the N busiest sensors (most readings).
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
-    /// Only this sensor's readings.
+    /// Only this sensor's readings: its integer id or its name.
     #[arg(long, value_name = "ID")]
-    sensor: Option<i64>,
+    sensor: Option<String>,
     /// Only readings taken in this last stretch of time, e.g. 1h or 7d.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     since: Option<Duration>,
@@ -298,6 +306,10 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
         stats_interval: args.stats_interval,
         allow: args.allow,
         busy_timeout: args.busy_timeout,
+        format: Format {
+            timestamp_unit: args.timestamp_unit,
+            extra_fields: args.extra_fields,
+        },
     };
     let outcome = server::run(socket, store, spill, config, ops, shutdown)?;
     info!("{}", outcome.shutdown_line());
@@ -337,7 +349,7 @@ fn show_stats(args: &StatsArgs) -> Result<ExitCode, Error> {
     };
     let now = sensord::reading::unix_now();
     let filter = store::Filter {
-        sensor_id: args.sensor,
+        sensor_id: args.sensor.as_deref().map(SensorId::from_text),
         since: args.since.map(|d| now - d.as_secs_f64()),
     };
     let summary = store::open_existing(&args.db, &options)?.summary(&filter)?;

@@ -18,7 +18,7 @@ use log::{debug, info, warn};
 use crate::datagrams::Datagrams;
 use crate::error::Error;
 use crate::ledger::Ledger;
-use crate::reading::{Rejection, parse_datagram};
+use crate::reading::{Format, Rejection, parse_datagram};
 use crate::shutdown::{Shutdown, poll_readable};
 use crate::{Reading, error};
 
@@ -312,6 +312,8 @@ pub struct Settings {
     pub drain_limit: usize,
     /// Sources allowed to send; empty means everyone.
     pub allow: Vec<Cidr>,
+    /// How datagrams are read (`--timestamp-unit`, `--extra-fields`).
+    pub format: Format,
 }
 
 /// The receive loop's state; `run` consumes it on the `receiver` thread.
@@ -330,6 +332,8 @@ pub struct Receiver {
     drain_limit: usize,
     /// Sources allowed to send; empty means everyone.
     allow: Vec<Cidr>,
+    /// How datagrams are read.
+    format: Format,
     ledger: Arc<Ledger>,
     shutdown: Shutdown,
     /// One rate limit per rejection reason, and one for denied sources.
@@ -356,6 +360,7 @@ impl Receiver {
             chunk_size: settings.chunk_size.max(1),
             drain_limit: settings.drain_limit.max(1),
             allow: settings.allow,
+            format: settings.format,
             ledger,
             shutdown,
             rejection_logs: [const { RateLimit::new() }; Rejection::KINDS],
@@ -579,7 +584,7 @@ impl Receiver {
         }
         Ledger::add(&self.ledger.received, 1);
         let before = chunk.len();
-        parse_datagram(datagram, received_at, chunk, rejections);
+        parse_datagram(datagram, received_at, &self.format, chunk, rejections);
         Ledger::add(&self.ledger.accepted, (chunk.len() - before) as u64);
         for rejection in rejections.drain(..) {
             self.ledger.count_rejection(rejection);

@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::http;
 use crate::ledger::{Counts, Ledger};
 use crate::persister::{BatchConfig, Persister, Shared};
+use crate::reading::Format;
 use crate::receiver::{self, Cidr, Receiver};
 use crate::retention;
 use crate::shutdown::{FlushReport, Shutdown, ShutdownGuard, Worker};
@@ -34,6 +35,8 @@ pub struct Config {
     pub allow: Vec<Cidr>,
     /// How long the database may make a stop wait, beyond a few seconds.
     pub busy_timeout: Duration,
+    /// How datagrams are read.
+    pub format: Format,
 }
 
 /// What runs beside ingest, made ready by the caller at start so that a
@@ -125,6 +128,7 @@ pub fn run(
             chunk_size: chunk,
             drain_limit: config.queue_capacity,
             allow: config.allow.clone(),
+            format: config.format,
         },
         Arc::clone(&ledger),
         shutdown.clone(),

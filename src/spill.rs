@@ -467,13 +467,14 @@ mod tests {
     use super::*;
 
     fn reading(sensor_id: i64) -> Reading {
-        Reading {
-            sensor_id,
-            temperature: 21.123456789012345,
-            humidity: 0.1,
+        Reading::from(crate::reading::ReadingParts {
+            sensor_id: crate::reading::SensorId::Int(sensor_id),
+            temperature: Some(21.123456789012345),
+            humidity: Some(0.1),
             ingested_at: 1764150000.123456,
             received_at: 1764150000.5,
-        }
+            extra: None,
+        })
     }
 
     fn readings(batches: &[SpillBatch]) -> Vec<Reading> {
@@ -508,6 +509,38 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// Named sensors, a missing measurement and extra fields survive the
+    /// spill file exactly, and a line of an earlier version still imports.
+    #[test]
+    fn named_readings_and_old_lines_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.spill.jsonl");
+        let spill = Spill::claim(&path).unwrap();
+        let (mut named, mut rejections) = (Vec::new(), Vec::new());
+        crate::reading::parse_datagram(
+            r#"{"sensor_id": "capteur-séjour", "humidity": 0.1, "pressure": 1013.25, "fw": "1.2"}
+               {"sensor_id": "42", "temperature": 5e-324, "ok": false}"#
+                .as_bytes(),
+            1764150000.5,
+            &crate::reading::Format::default(),
+            &mut named,
+            &mut rejections,
+        );
+        assert_eq!((named.len(), rejections.len()), (2, 0));
+        let batch = SpillBatch {
+            id: None,
+            readings: named.clone(),
+        };
+        spill.write(std::slice::from_ref(&batch)).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        assert_eq!(readings(&parse(&path, &bytes, false).unwrap()), named);
+        let old = br#"{"sensor_id":7,"temperature":21.123456789012345,"humidity":0.1,"ingested_at":1764150000.123456,"received_at":1764150000.5}"#;
+        assert_eq!(
+            readings(&parse(&path, old, false).unwrap()),
+            vec![reading(7)]
+        );
     }
 
     /// A second claim on the same path is refused while the first lives.

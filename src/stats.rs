@@ -5,6 +5,7 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
+use crate::reading::SensorId;
 use crate::store::{MinAvgMax, SensorSummary, Summary};
 
 /// How much of a summary to show.
@@ -42,11 +43,13 @@ struct Document<'a> {
 
 #[derive(Serialize)]
 struct SensorDocument<'a> {
-    sensor_id: i64,
+    /// As the sensor sent it: a number or a name.
+    sensor_id: &'a SensorId,
     readings: u64,
     last_seen: Option<f64>,
     temperature: &'a MinAvgMax,
     humidity: &'a MinAvgMax,
+    measurements: &'a [String],
 }
 
 /// Writes `summary` as one JSON object: the totals, then `per_sensor`.
@@ -60,11 +63,12 @@ pub fn write_json(summary: &Summary, view: &View, out: &mut impl Write) -> io::R
             .sensors(summary)
             .into_iter()
             .map(|s| SensorDocument {
-                sensor_id: s.sensor_id,
+                sensor_id: &s.sensor_id,
                 readings: s.readings,
                 last_seen: Some(s.last_seen).filter(|t| !t.is_nan()),
                 temperature: &s.temperature,
                 humidity: &s.humidity,
+                measurements: &s.measurements,
             })
             .collect(),
     };
@@ -100,17 +104,25 @@ pub fn write_table(summary: &Summary, view: &View, out: &mut impl Write) -> io::
             summary.per_sensor.len()
         )?;
     }
+    // Names can be longer than numbers: the column fits the longest.
+    let ids: Vec<String> = sensors.iter().map(|s| s.sensor_id.to_string()).collect();
+    let width = ids
+        .iter()
+        .map(|id| id.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(10);
     writeln!(
         out,
-        "{:>10} {:>9} {:>10}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}",
-        "sensor", "readings", "last seen", "temp min", "avg", "max", "hum min", "avg", "max"
+        "{:>width$} {:>9} {:>10}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}  measures",
+        "sensor", "readings", "last seen", "temp min", "avg", "max", "hum min", "avg", "max",
     )?;
-    for s in sensors {
+    for (s, id) in sensors.into_iter().zip(&ids) {
         let (t, h) = (&s.temperature, &s.humidity);
         writeln!(
             out,
-            "{:>10} {:>9} {:>10}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}",
-            s.sensor_id,
+            "{:>width$} {:>9} {:>10}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}  {}",
+            id,
             s.readings,
             age(view.now - s.last_seen),
             number(t.min),
@@ -118,7 +130,8 @@ pub fn write_table(summary: &Summary, view: &View, out: &mut impl Write) -> io::
             number(t.max),
             number(h.min),
             number(h.avg),
-            number(h.max)
+            number(h.max),
+            s.measurements.join(", ")
         )?;
     }
     Ok(())

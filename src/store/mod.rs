@@ -3,8 +3,10 @@
 //!
 //! Stores know SQL, never channels or sockets.
 
+use std::collections::HashMap;
+
 use crate::error::Error;
-use crate::reading::Reading;
+use crate::reading::{NAME_KEYS, Reading, Sensor, SensorId};
 
 pub mod postgres;
 pub mod sqlite;
@@ -135,21 +137,31 @@ pub struct Summary {
 
 /// Which readings `Store::summary` covers: all, or one sensor's, or those
 /// taken since a time.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Filter {
-    pub sensor_id: Option<i64>,
+    pub sensor_id: Option<SensorId>,
     /// Unix seconds: readings whose `ingested_at` is at or after it.
     pub since: Option<f64>,
 }
 
 impl Filter {
-    /// The SQL condition, `TRUE AND ...`, with the values written in: they
-    /// are numbers, so nothing needs quoting. `time` turns unix seconds
-    /// into what the store compares `ingested_at` with.
-    fn sql(&self, time: impl Fn(f64) -> String) -> String {
+    /// The SQL condition, `TRUE AND ...`, with the values written in (a
+    /// name quoted as a string literal). `time` turns unix seconds into
+    /// what the store compares `ingested_at` with. A name is looked up
+    /// once, so the `(sensor_id, ingested_at)` index serves it; without a
+    /// `sensor_names` table (`has_names` false) no row has a name.
+    fn sql(&self, time: impl Fn(f64) -> String, has_names: bool) -> String {
         let mut condition = String::from("TRUE");
-        if let Some(id) = self.sensor_id {
-            condition += &format!(" AND sensor_id = {id}");
+        match &self.sensor_id {
+            Some(SensorId::Int(id)) => condition += &format!(" AND sensor_id = {id}"),
+            Some(SensorId::Name(_)) if !has_names => condition += " AND FALSE",
+            Some(SensorId::Name(name)) => {
+                condition += &format!(
+                    " AND sensor_id = (SELECT key FROM sensor_names WHERE name = '{}')",
+                    name.replace('\'', "''")
+                );
+            }
+            None => {}
         }
         if let Some(since) = self.since.filter(|s| s.is_finite()) {
             condition += &format!(" AND ingested_at >= {}", time(since));
@@ -159,14 +171,18 @@ impl Filter {
 }
 
 /// Aggregates for one sensor.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SensorSummary {
-    pub sensor_id: i64,
+    /// As the sensor sent it: its integer, or its name.
+    pub sensor_id: SensorId,
     pub readings: u64,
     pub temperature: MinAvgMax,
     pub humidity: MinAvgMax,
     /// The latest `ingested_at`, unix seconds; NaN if none is a number.
     pub last_seen: f64,
+    /// What the sensor measures: `temperature` and `humidity` if any of
+    /// its readings has one, then its numeric extra fields, by name.
+    pub measurements: Vec<String>,
 }
 
 impl SensorSummary {
@@ -174,6 +190,7 @@ impl SensorSummary {
     fn from_row<E>(
         int: impl Fn(usize) -> Result<i64, E>,
         real: impl Fn(usize) -> Result<f64, E>,
+        text: impl Fn(usize) -> Result<Option<String>, E>,
     ) -> Result<Self, E> {
         let stats = |first: usize| -> Result<MinAvgMax, E> {
             Ok(MinAvgMax {
@@ -182,26 +199,141 @@ impl SensorSummary {
                 max: real(first + 2)?,
             })
         };
+        let mut measurements = Vec::new();
+        for (name, column) in [("temperature", 10), ("humidity", 11)] {
+            if int(column)? > 0 {
+                measurements.push(name.to_string());
+            }
+        }
         Ok(SensorSummary {
-            sensor_id: int(0)?,
+            sensor_id: match text(9)? {
+                Some(name) => SensorId::Name(name.into()),
+                None => SensorId::Int(int(0)?),
+            },
             readings: int(1)? as u64,
             temperature: stats(2)?,
             humidity: stats(5)?,
             last_seen: real(8)?,
+            measurements,
         })
+    }
+}
+
+/// Adds each sensor's numeric extra fields, from `(key, field)` rows in
+/// any order, to the measurements of the sensor whose key it is.
+fn add_extra_measurements(
+    per_sensor: &mut [SensorSummary],
+    keys: &[i64],
+    rows: Vec<(i64, String)>,
+) {
+    let mut fields: HashMap<i64, Vec<String>> = HashMap::new();
+    for (key, field) in rows {
+        fields.entry(key).or_default().push(field);
+    }
+    for (sensor, key) in per_sensor.iter_mut().zip(keys) {
+        if let Some(mut extra) = fields.remove(key) {
+            extra.sort();
+            extra.dedup();
+            sensor.measurements.extend(extra);
+        }
     }
 }
 
 /// Per-sensor aggregates of `table` (already quoted as the store needs),
 /// of the rows `condition` selects, in the column order
 /// `SensorSummary::from_row` reads; `last_seen` is the SQL for the latest
-/// `ingested_at` as unix seconds.
-fn per_sensor_sql(table: &str, condition: &str, last_seen: &str) -> String {
+/// `ingested_at` as unix seconds, `temperature` and `humidity` the SQL for
+/// a value to aggregate. Without a `sensor_names` table (`has_names`
+/// false) every sensor is its integer.
+fn per_sensor_sql(
+    table: &str,
+    condition: &str,
+    last_seen: &str,
+    (t, h): (&str, &str),
+    has_names: bool,
+) -> String {
+    let name = if has_names {
+        "(SELECT name FROM sensor_names WHERE key = sensor_id)"
+    } else {
+        "NULL"
+    };
     format!(
-        "SELECT sensor_id, COUNT(*), MIN(temperature), AVG(temperature), MAX(temperature),
-                MIN(humidity), AVG(humidity), MAX(humidity), {last_seen}
+        "SELECT sensor_id, COUNT(*), MIN({t}), AVG({t}), MAX({t}),
+                MIN({h}), AVG({h}), MAX({h}), {last_seen}, {name},
+                COUNT({t}), COUNT({h})
          FROM {table} WHERE {condition} GROUP BY sensor_id ORDER BY sensor_id"
     )
+}
+
+/// Keys of sensor names, as this store has seen them committed, and the
+/// ones added by the transaction in progress. A name's key never changes
+/// once committed, so the cache stays true for as long as the database
+/// does (a SQLite file replaced under the store clears it).
+#[derive(Debug, Default)]
+pub(crate) struct NameKeys {
+    keys: HashMap<Box<str>, i64>,
+    /// Added in the open transaction: forgotten if it does not commit.
+    pending: Vec<Box<str>>,
+}
+
+impl NameKeys {
+    /// The names among `readings` without a known key, each once.
+    fn unknown<'a>(&self, readings: &'a [Reading]) -> Vec<&'a str> {
+        let mut unknown: Vec<&str> = Vec::new();
+        for r in readings {
+            if let Sensor::Name(name) = r.sensor()
+                && !self.keys.contains_key(name)
+                && !unknown.contains(&name)
+            {
+                unknown.push(name);
+            }
+        }
+        unknown
+    }
+
+    /// Records `name`'s key, found or made in the open transaction.
+    fn learn(&mut self, name: &str, key: i64) {
+        self.keys.insert(name.into(), key);
+        self.pending.push(name.into());
+    }
+
+    /// The open transaction committed: its keys are for good.
+    fn committed(&mut self) {
+        self.pending.clear();
+    }
+
+    /// The open transaction failed: its new keys may not exist.
+    fn rolled_back(&mut self) {
+        for name in self.pending.drain(..) {
+            self.keys.remove(&name);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.keys.clear();
+        self.pending.clear();
+    }
+
+    /// The integer stored in `sensor_id` for `id`.
+    fn key(&self, sensor: Sensor<'_>) -> i64 {
+        match sensor {
+            Sensor::Int(id) => id,
+            // Every write resolves its names first, in its transaction.
+            Sensor::Name(name) => self.keys[name],
+        }
+    }
+}
+
+/// Checks that a newly allocated name key is in the reserved range.
+fn check_name_key(key: i64) -> Result<i64, String> {
+    if NAME_KEYS.contains(&key) {
+        Ok(key)
+    } else {
+        Err(format!(
+            "no sensor name key left (sensord keeps {} for names)",
+            NAME_KEYS.end.abs_diff(NAME_KEYS.start)
+        ))
+    }
 }
 
 /// The smallest, mean and largest value of a measurement; NaN where the
@@ -249,9 +381,12 @@ pub fn sort_for_index_on_two_threads(readings: &mut [Reading]) {
 }
 
 fn index_order(a: &Reading, b: &Reading) -> std::cmp::Ordering {
-    a.sensor_id
-        .cmp(&b.sensor_id)
-        .then(a.ingested_at.total_cmp(&b.ingested_at))
+    match (a.sensor(), b.sensor()) {
+        // The common case without `Sensor::cmp`'s variant check.
+        (Sensor::Int(x), Sensor::Int(y)) => x.cmp(&y),
+        (x, y) => x.cmp(&y),
+    }
+    .then(a.ingested_at.total_cmp(&b.ingested_at))
 }
 
 /// Opens the store `db` names, creating its schema if missing.
@@ -353,17 +488,21 @@ pub fn is_url(db: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reading::ReadingParts;
 
     /// Readings from 991 sensors in arrival order, with distinct times, so
     /// index order is one exact order.
     fn arrivals(n: usize) -> Vec<Reading> {
         (0..n)
-            .map(|i| Reading {
-                sensor_id: ((i * 7919) % 991) as i64,
-                temperature: (i % 97) as f64,
-                humidity: (i % 89) as f64,
-                ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
-                received_at: 1_764_150_000.0,
+            .map(|i| {
+                Reading::from(ReadingParts {
+                    sensor_id: SensorId::Int(((i * 7919) % 991) as i64),
+                    temperature: Some((i % 97) as f64),
+                    humidity: Some((i % 89) as f64),
+                    ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
+                    received_at: 1_764_150_000.0,
+                    extra: None,
+                })
             })
             .collect()
     }

@@ -45,16 +45,16 @@ use log::{info, warn};
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::config::{Host, SslMode};
 use postgres::error::SqlState;
-use postgres::types::Type;
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{CancelToken, Client, Config, NoTls, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    BatchId, Expired, Filter, Imported, Interrupter, Options, Refusal, SensorSummary, SpillBatch,
-    Store, Summary, per_sensor_sql,
+    BatchId, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal, SensorSummary,
+    SpillBatch, Store, Summary, add_extra_measurements, per_sensor_sql,
 };
 use crate::error::{Error, io_cause};
-use crate::reading::Reading;
+use crate::reading::{NAME_KEYS, Reading};
 use crate::shutdown::Shutdown;
 
 /// Batch ids of this run kept in `sensord_batches` besides the newest: only
@@ -81,12 +81,13 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// The columns of a measurements row, in `COPY` order, with their types as
 /// `COPY` sends them and as `format_type` names them.
-const COLUMNS: [(&str, Type, &str); 5] = [
+const COLUMNS: [(&str, Type, &str); 6] = [
     ("sensor_id", Type::INT8, "bigint"),
     ("temperature", Type::FLOAT8, "double precision"),
     ("humidity", Type::FLOAT8, "double precision"),
     ("ingested_at", Type::TIMESTAMPTZ, "timestamp with time zone"),
     ("received_at", Type::TIMESTAMPTZ, "timestamp with time zone"),
+    ("extra", Type::JSONB, "jsonb"),
 ];
 
 /// A table in a PostgreSQL database.
@@ -111,6 +112,8 @@ pub struct PostgresStore {
     cancel: Arc<Mutex<Option<CancelToken>>>,
     /// Set by the interrupter; a connect being waited for gives up on it.
     interrupted: Arc<AtomicBool>,
+    /// Sensor names' keys (in `sensor_names`, shared by every table).
+    names: NameKeys,
 }
 
 /// How connections are encrypted.
@@ -325,6 +328,7 @@ impl PostgresStore {
             connecting: None,
             cancel: Arc::new(Mutex::new(None)),
             interrupted: Arc::new(AtomicBool::new(false)),
+            names: NameKeys::default(),
         })
     }
 
@@ -417,22 +421,38 @@ impl PostgresStore {
         let table = quoted(&self.table);
         let index = quoted(&format!("{}_sensor_time", self.table));
         let name = self.table.clone();
+        let url = self.url.clone();
         let client = self.client()?;
         let mut tx = client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
         let exists: bool = tx
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])?
             .try_get(0)?;
-        if exists {
-            check_columns(&mut tx, &name)?;
+        if exists && check_columns(&mut tx, &name)? == Columns::Older {
+            // Each takes the table's ACCESS EXCLUSIVE lock, so only when
+            // needed; adding a nullable column rewrites nothing.
+            tx.batch_execute(&format!(
+                "ALTER TABLE {table} ALTER COLUMN temperature DROP NOT NULL,
+                                     ALTER COLUMN humidity DROP NOT NULL,
+                                     ADD COLUMN IF NOT EXISTS extra jsonb;"
+            ))?;
+            info!("upgraded table {name} in {url}: measurements optional, extra column added");
         }
+        let (first_key, last_key) = (NAME_KEYS.start, NAME_KEYS.end - 1);
         tx.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (
                  sensor_id   bigint           NOT NULL,
-                 temperature double precision NOT NULL,
-                 humidity    double precision NOT NULL,
+                 temperature double precision,
+                 humidity    double precision,
                  ingested_at timestamptz      NOT NULL,
-                 received_at timestamptz      NOT NULL
+                 received_at timestamptz      NOT NULL,
+                 extra       jsonb
+             );
+             CREATE SEQUENCE IF NOT EXISTS sensor_names_key AS bigint
+                 MINVALUE {first_key} MAXVALUE {last_key} START {first_key};
+             CREATE TABLE IF NOT EXISTS sensor_names (
+                 key  bigint PRIMARY KEY DEFAULT nextval('sensor_names_key'),
+                 name text   NOT NULL UNIQUE
              );
              CREATE INDEX IF NOT EXISTS {index} ON {table} (sensor_id, ingested_at);
              CREATE TABLE IF NOT EXISTS sensord_batches (
@@ -469,8 +489,10 @@ impl PostgresStore {
         // Stored as bigint: the bits matter, not the sign.
         let (run, seq) = (id.run as i64, id.seq as i64);
         let copy = copy_statement(&self.table);
-        let client = self.client()?;
-        let attempt = |client: &mut Client, isolate: bool| {
+        self.client()?;
+        let client = self.client.as_mut().expect("connected above");
+        let names = &mut self.names;
+        let attempt = |client: &mut Client, names: &mut NameKeys, isolate: bool| {
             let mut tx = client.transaction()?;
             let fresh = tx.execute(
                 "INSERT INTO sensord_batches (run, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -479,10 +501,11 @@ impl PostgresStore {
             if fresh == 0 {
                 return Ok(None);
             }
+            resolve_names(&mut tx, names, readings)?;
             let refused = if isolate {
-                insert_isolating(&mut tx, &copy, readings)?
+                insert_isolating(&mut tx, &copy, names, readings)?
             } else {
-                copy_in(&mut tx, &copy, readings)?;
+                copy_in(&mut tx, &copy, names, readings)?;
                 Vec::new()
             };
             tx.execute(
@@ -492,8 +515,8 @@ impl PostgresStore {
             tx.commit()?;
             Ok::<_, postgres::Error>(Some(refused))
         };
-        let result = match attempt(client, false) {
-            Err(e) if is_permanent(&e) => attempt(client, true)?,
+        let result = match remembering(names, |names| attempt(client, names, false)) {
+            Err(e) if is_permanent(&e) => remembering(names, |names| attempt(client, names, true))?,
             other => other?,
         };
         // Tests lose the COMMIT's answer here.
@@ -513,8 +536,10 @@ impl PostgresStore {
         let copy = copy_statement(&self.table);
         let table = self.table.clone();
         let in_file: usize = batches.iter().map(|b| b.readings.len()).sum();
-        let client = self.client()?;
-        let attempt = |client: &mut Client, isolate: bool| {
+        self.client()?;
+        let client = self.client.as_mut().expect("connected above");
+        let names = &mut self.names;
+        let attempt = |client: &mut Client, names: &mut NameKeys, isolate: bool| {
             let mut tx = client.transaction()?;
             let fresh = tx.execute(
                 "INSERT INTO sensord_spill_imports (table_name, spill_key, readings)
@@ -544,10 +569,11 @@ impl PostgresStore {
                 }
                 readings.extend_from_slice(&batch.readings);
             }
+            resolve_names(&mut tx, names, &readings)?;
             let refused = if isolate {
-                insert_isolating(&mut tx, &copy, &readings)?
+                insert_isolating(&mut tx, &copy, names, &readings)?
             } else {
-                copy_in(&mut tx, &copy, &readings)?;
+                copy_in(&mut tx, &copy, names, &readings)?;
                 Vec::new()
             };
             tx.commit()?;
@@ -557,10 +583,14 @@ impl PostgresStore {
                 refused,
             }))
         };
-        Ok(match attempt(client, false) {
-            Err(e) if is_permanent(&e) => attempt(client, true)?,
-            other => other?,
-        })
+        Ok(
+            match remembering(names, |names| attempt(client, names, false)) {
+                Err(e) if is_permanent(&e) => {
+                    remembering(names, |names| attempt(client, names, true))?
+                }
+                other => other?,
+            },
+        )
     }
 
     /// The aggregates of `summary`, their averages computed in `numeric`
@@ -570,19 +600,35 @@ impl PostgresStore {
     /// f64::MAX would round up out of range on the way back.
     fn try_summary(&mut self, exact: bool, filter: &Filter) -> Result<Summary, postgres::Error> {
         let table = quoted(&self.table);
-        let condition = filter.sql(|t| format!("to_timestamp({t})"));
+        let client = self.client.as_mut().expect("connected by summary");
+        // A table sensord has not upgraded lacks the names table and the
+        // extra column: it has neither.
+        let upgraded = client.query_one(
+            "SELECT to_regclass('sensor_names') IS NOT NULL,
+                    EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1)
+                            AND attname = 'extra' AND NOT attisdropped)",
+            &[&table],
+        )?;
+        let (has_names, has_extra): (bool, bool) = (upgraded.try_get(0)?, upgraded.try_get(1)?);
+        let condition = filter.sql(|t| format!("to_timestamp({t})"), has_names);
         let last_seen = "EXTRACT(EPOCH FROM MAX(ingested_at))::float8";
+        let per_sensor = per_sensor_sql(
+            &table,
+            &condition,
+            last_seen,
+            ("temperature", "humidity"),
+            has_names,
+        );
         let per_sensor = if exact {
-            per_sensor_sql(&table, &condition, last_seen)
+            per_sensor
                 .replace(
                     "AVG(temperature)",
                     "AVG(temperature::text::numeric)::float8",
                 )
                 .replace("AVG(humidity)", "AVG(humidity::text::numeric)::float8")
         } else {
-            per_sensor_sql(&table, &condition, last_seen)
+            per_sensor
         };
-        let client = self.client.as_mut().expect("connected by summary");
         let totals = client.query_one(
             &format!(
                 "SELECT COUNT(*), EXTRACT(EPOCH FROM MIN(ingested_at))::float8,
@@ -591,11 +637,38 @@ impl PostgresStore {
             ),
             &[],
         )?;
-        let per_sensor = client
+        let (keys, mut per_sensor): (Vec<i64>, Vec<SensorSummary>) = client
             .query(&per_sensor, &[])?
             .iter()
-            .map(|row| SensorSummary::from_row(|i| row.try_get(i), |i| row.try_get(i)))
-            .collect::<Result<Vec<_>, postgres::Error>>()?;
+            .map(|row| {
+                let summary = SensorSummary::from_row(
+                    |i| row.try_get(i),
+                    |i| Ok(row.try_get::<_, Option<f64>>(i)?.unwrap_or(f64::NAN)),
+                    |i| row.try_get(i),
+                )?;
+                Ok((row.try_get::<_, i64>(0)?, summary))
+            })
+            .collect::<Result<Vec<_>, postgres::Error>>()?
+            .into_iter()
+            .unzip();
+        let extra_fields = if has_extra {
+            client
+                .query(
+                    &format!(
+                        "SELECT DISTINCT sensor_id, field.key
+                         FROM {table}, jsonb_each(CASE WHEN jsonb_typeof(extra) = 'object'
+                             THEN extra END) AS field
+                         WHERE jsonb_typeof(field.value) = 'number' AND {condition}"
+                    ),
+                    &[],
+                )?
+                .iter()
+                .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                .collect::<Result<Vec<_>, postgres::Error>>()?
+        } else {
+            Vec::new()
+        };
+        add_extra_measurements(&mut per_sensor, &keys, extra_fields);
         let first: Option<f64> = totals.try_get(1)?;
         let last: Option<f64> = totals.try_get(2)?;
         Ok(Summary {
@@ -639,10 +712,24 @@ fn interruptible<T>(
     result
 }
 
+/// What `check_columns` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Columns {
+    /// The table as this sensord makes it.
+    Current,
+    /// A table an earlier sensord made (measurements NOT NULL, no `extra`):
+    /// `create_schema` upgrades it.
+    Older,
+}
+
 /// Checks that `table` has the columns sensord writes, with their types, and
 /// that any other column can be left out of an insert (it has a default or
-/// takes NULL). The message names the first mismatch.
-fn check_columns(client: &mut impl postgres::GenericClient, table: &str) -> Result<(), Failure> {
+/// takes NULL). The message names the first mismatch. A table of an
+/// earlier sensord passes as `Columns::Older`.
+fn check_columns(
+    client: &mut impl postgres::GenericClient,
+    table: &str,
+) -> Result<Columns, Failure> {
     let rows = client.query(
         "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull, atthasdef
          FROM pg_attribute
@@ -651,13 +738,18 @@ fn check_columns(client: &mut impl postgres::GenericClient, table: &str) -> Resu
         &[&quoted(table)],
     )?;
     let mismatch = |what: String| Err(Failure::Schema(format!("table {table}: {what}")));
+    let mut columns = Columns::Current;
     for (name, _, expected) in COLUMNS {
         match rows.iter().find(|row| row.get::<_, String>(0) == name) {
+            None if name == "extra" => columns = Columns::Older,
             None => return mismatch(format!("column {name} is missing, expected {expected}")),
             Some(row) => {
                 let actual: String = row.get(1);
                 if actual != expected {
                     return mismatch(format!("column {name} is {actual}, expected {expected}"));
+                }
+                if matches!(name, "temperature" | "humidity") && row.get::<_, bool>(2) {
+                    columns = Columns::Older;
                 }
             }
         }
@@ -671,33 +763,100 @@ fn check_columns(client: &mut impl postgres::GenericClient, table: &str) -> Resu
             ));
         }
     }
+    Ok(columns)
+}
+
+/// Gives each sensor name among `readings` without a known key its key,
+/// adding it to `sensor_names` in `tx` if new there. An instance adding the
+/// same name at the same time makes the insert wait for its commit; then
+/// the name is there and the second look finds it.
+fn resolve_names(
+    tx: &mut Transaction<'_>,
+    names: &mut NameKeys,
+    readings: &[Reading],
+) -> Result<(), postgres::Error> {
+    for name in names.unknown(readings) {
+        let find = "SELECT key FROM sensor_names WHERE name = $1";
+        let key = match tx.query_opt(find, &[&name])? {
+            Some(row) => row.try_get(0)?,
+            None => match tx.query_opt(
+                "INSERT INTO sensor_names (name) VALUES ($1) ON CONFLICT (name) DO NOTHING \
+                 RETURNING key",
+                &[&name],
+            )? {
+                Some(row) => row.try_get(0)?,
+                None => tx.query_one(find, &[&name])?.try_get(0)?,
+            },
+        };
+        names.learn(name, key);
+    }
     Ok(())
+}
+
+/// Runs one attempt at a transaction that may learn name keys, keeping
+/// only those of an attempt that committed.
+fn remembering<T>(
+    names: &mut NameKeys,
+    attempt: impl FnOnce(&mut NameKeys) -> Result<T, postgres::Error>,
+) -> Result<T, postgres::Error> {
+    let result = attempt(names);
+    match result {
+        Ok(_) => names.committed(),
+        Err(_) => names.rolled_back(),
+    }
+    result
+}
+
+/// Extra fields' JSON text, sent as `jsonb` in binary `COPY`: a version
+/// byte, then the text, which the server parses.
+#[derive(Debug)]
+struct Jsonb<'a>(&'a str);
+
+impl ToSql for Jsonb<'_> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&[1]);
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
 }
 
 /// The `COPY` statement that loads readings into `table`.
 fn copy_statement(table: &str) -> String {
     format!(
-        "COPY {} (sensor_id, temperature, humidity, ingested_at, received_at) \
+        "COPY {} (sensor_id, temperature, humidity, ingested_at, received_at, extra) \
          FROM STDIN (FORMAT binary)",
         quoted(table)
     )
 }
 
-/// Streams `readings` into the table through `copy` (a `copy_statement`).
+/// Streams `readings` into the table through `copy` (a `copy_statement`);
+/// their names have keys in `names`. A missing value is NULL.
 fn copy_in(
     tx: &mut Transaction<'_>,
     copy: &str,
+    names: &NameKeys,
     readings: &[Reading],
 ) -> Result<(), postgres::Error> {
     let types = COLUMNS.map(|(_, column_type, _)| column_type);
     let mut writer = BinaryCopyInWriter::new(tx.copy_in(copy)?, &types);
     for r in readings {
         writer.write(&[
-            &r.sensor_id,
-            &r.temperature,
-            &r.humidity,
+            &names.key(r.sensor()),
+            &r.temperature(),
+            &r.humidity(),
             &timestamp(r.ingested_at),
             &timestamp(r.received_at),
+            &r.extra().map(|e| Jsonb(e.as_str())),
         ])?;
     }
     writer.finish()?;
@@ -711,6 +870,7 @@ fn copy_in(
 fn insert_isolating(
     tx: &mut Transaction<'_>,
     copy: &str,
+    names: &NameKeys,
     readings: &[Reading],
 ) -> Result<Vec<Refusal>, postgres::Error> {
     let mut refused = Vec::new();
@@ -720,13 +880,13 @@ fn insert_isolating(
             continue;
         }
         let mut savepoint = tx.savepoint("sensord_isolate")?;
-        match copy_in(&mut savepoint, copy, part) {
+        match copy_in(&mut savepoint, copy, names, part) {
             Ok(()) => savepoint.commit()?,
             Err(e) if is_permanent(&e) => {
                 savepoint.rollback()?;
                 if let [reading] = part {
                     refused.push(Refusal {
-                        reading: *reading,
+                        reading: reading.clone(),
                         cause: cause(&e),
                     });
                 } else {

@@ -7,6 +7,7 @@
 //! write the store checks that its path still names the file it opened, and
 //! recreates the file there if it was deleted or replaced.
 
+use std::cell::RefCell;
 use std::ffi::c_int;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -24,27 +25,44 @@ use rusqlite::{
 };
 
 use super::{
-    BatchId, DEFAULT_TABLE, Expired, Filter, Imported, Interrupter, Options, Refusal,
-    SensorSummary, SpillBatch, Store, Summary,
+    BatchId, DEFAULT_TABLE, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal,
+    SensorSummary, SpillBatch, Store, Summary, add_extra_measurements, check_name_key,
+    per_sensor_sql,
 };
 use crate::error::Error;
-use crate::reading::{Reading, unix_now};
+use crate::reading::{NAME_KEYS, Reading, unix_now};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-/// 1: measurements and spill imports; 2: `sensord_batches` added.
-const SCHEMA_VERSION: i64 = 2;
+/// 1: measurements and spill imports; 2: `sensord_batches` added;
+/// 3: measurements optional, `extra` column, `sensor_names`.
+const SCHEMA_VERSION: i64 = 3;
+
+/// The measurements table as version 3 makes it, for `SCHEMA` and for
+/// the rebuild of an older one (`upgrade_measurements`).
+const MEASUREMENTS: &str = "
+        sensor_id   INTEGER NOT NULL,
+        temperature REAL,
+        humidity    REAL,
+        ingested_at REAL    NOT NULL,
+        received_at REAL    NOT NULL,
+        extra       TEXT";
 
 /// Every statement is idempotent, so upgrading a file of any older version
-/// (or of version 0 whose tables exist) is running it again.
+/// (or of version 0 whose tables exist) is running it again, after
+/// `upgrade_measurements`.
 /// `sensord_batches` is WITHOUT ROWID so that its key is its only B-tree:
 /// a batch's id costs one more page in the commit, not two.
-const SCHEMA: &str = "
-    CREATE TABLE IF NOT EXISTS sensor_measurements (
-        sensor_id   INTEGER NOT NULL,
-        temperature REAL    NOT NULL,
-        humidity    REAL    NOT NULL,
-        ingested_at REAL    NOT NULL,
-        received_at REAL    NOT NULL
+/// `sensor_names` gives each name its key, stored in `sensor_id` (see
+/// `reading::NAME_KEYS`); `key` is the rowid, so a lookup by key is one
+/// B-tree and by name the UNIQUE index.
+static SCHEMA: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "
+    CREATE TABLE IF NOT EXISTS sensor_measurements ({MEASUREMENTS}
+    );
+    CREATE TABLE IF NOT EXISTS sensor_names (
+        key  INTEGER PRIMARY KEY,
+        name TEXT    NOT NULL UNIQUE
     );
     CREATE INDEX IF NOT EXISTS sensor_measurements_sensor_time
         ON sensor_measurements (sensor_id, ingested_at);
@@ -59,18 +77,24 @@ const SCHEMA: &str = "
         committed_at REAL    NOT NULL,
         PRIMARY KEY (run, seq)
     ) WITHOUT ROWID;
-";
+"
+    )
+});
 
 /// The columns sensord writes, and the type affinity each needs: SQLite
 /// converts a value to its column's affinity, so a REAL value in a column
 /// of another affinity could come back as text or an integer.
-const COLUMNS: [(&str, &str); 5] = [
+const COLUMNS: [(&str, &str); 6] = [
     ("sensor_id", "INTEGER"),
     ("temperature", "REAL"),
     ("humidity", "REAL"),
     ("ingested_at", "REAL"),
     ("received_at", "REAL"),
+    ("extra", "TEXT"),
 ];
+
+/// Columns an older table may lack: the upgrade adds them.
+const ADDED_IN_3: [&str; 1] = ["extra"];
 
 /// Batch ids of this run kept in `sensord_batches` besides the newest, as in
 /// PostgreSQL: only the newest can be in doubt.
@@ -88,17 +112,17 @@ const ROWS_PER_INSERT: usize = 64;
 static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
 static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
 
-/// `INSERT ... VALUES (?, ?, ?, ?, ?), ...` with `rows` rows. OR FAIL, as
+/// `INSERT ... VALUES (?, ?, ?, ?, ?, ?), ...` with `rows` rows. OR FAIL, as
 /// no constraint can fail on validated readings in sensord's own table,
 /// spares SQLite the statement journal it keeps to undo half a multi-row
 /// statement. A failure leaves the statement's earlier rows in place, so
 /// the fast path drops the whole transaction on any error, and bisection
 /// runs each slice under a savepoint whose rollback undoes them.
 fn insert_sql(rows: usize) -> String {
-    let values = vec!["(?, ?, ?, ?, ?)"; rows].join(", ");
+    let values = vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", ");
     format!(
         "INSERT OR FAIL INTO sensor_measurements \
-         (sensor_id, temperature, humidity, ingested_at, received_at) VALUES {values}"
+         (sensor_id, temperature, humidity, ingested_at, received_at, extra) VALUES {values}"
     )
 }
 
@@ -151,6 +175,8 @@ pub struct SqliteStore {
     /// True while `conn` is the placeholder `reopen` leaves when opening
     /// the path again failed; the next write tries again.
     detached: bool,
+    /// Sensor names' keys; a cell since writes borrow the connection.
+    names: RefCell<NameKeys>,
 }
 
 /// A file as the path named it when opened: `(device, inode)` stays the
@@ -328,6 +354,7 @@ impl SqliteStore {
             checkpointer: Some(checkpointer),
             replaced: false,
             detached: false,
+            names: RefCell::default(),
         })
     }
 
@@ -384,6 +411,7 @@ impl SqliteStore {
             opened: None,
             replaced: false,
             detached: false,
+            names: RefCell::default(),
         })
     }
 
@@ -457,13 +485,16 @@ impl SqliteStore {
                     continue;
                 }
             }
+            self.resolve_names(&tx, part.readings)?;
+            let names = &self.names.borrow();
             match insert {
-                Insert::Fast => insert_all(&tx, part.readings, &self.interrupted)?,
+                Insert::Fast => insert_all(&tx, part.readings, names, &self.interrupted)?,
                 Insert::Isolating => {
                     let mut savepoint = tx.savepoint()?;
                     isolate(
                         &mut savepoint,
                         part.readings,
+                        names,
                         &self.interrupted,
                         &mut refusals,
                     )?;
@@ -500,6 +531,55 @@ impl SqliteStore {
         }))
     }
 
+    /// Gives each sensor name among `readings` without a known key its
+    /// key, adding it to `sensor_names` in `tx` if new there: a batch that
+    /// rolls back takes its new names with it.
+    fn resolve_names(&self, tx: &Connection, readings: &[Reading]) -> rusqlite::Result<()> {
+        let mut names = self.names.borrow_mut();
+        for name in names.unknown(readings) {
+            let found: Option<i64> = tx
+                .prepare_cached("SELECT key FROM sensor_names WHERE name = ?1")?
+                .query_row([name], |row| row.get(0))
+                .optional()?;
+            let key = match found {
+                Some(key) => key,
+                None => {
+                    let key: i64 = tx
+                        .prepare_cached(
+                            "INSERT INTO sensor_names (key, name) VALUES \
+                             ((SELECT COALESCE(MAX(key) + 1, ?1) FROM sensor_names), ?2) \
+                             RETURNING key",
+                        )?
+                        .query_row(params![NAME_KEYS.start, name], |row| row.get(0))?;
+                    check_name_key(key).map_err(|message| {
+                        rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                            Some(message),
+                        )
+                    })?
+                }
+            };
+            names.learn(name, key);
+        }
+        Ok(())
+    }
+
+    /// `commit_parts`, keeping the name cache true to what committed.
+    fn commit_or_forget(
+        &self,
+        spill_key: Option<&str>,
+        parts: &[Part<'_>],
+        insert: Insert,
+    ) -> rusqlite::Result<Option<Imported>> {
+        let result = self.commit_parts(spill_key, parts, insert);
+        let mut names = self.names.borrow_mut();
+        match result {
+            Ok(_) => names.committed(),
+            Err(_) => names.rolled_back(),
+        }
+        result
+    }
+
     /// `commit_parts`, first all at once and, if that fails for good, again
     /// isolating the refused readings. Writes into the file at the store's
     /// path even if it was deleted or replaced before or during the write.
@@ -512,10 +592,10 @@ impl SqliteStore {
         let sql_error = |e: rusqlite::Error| Error::database(what, cause(&e));
         loop {
             self.follow_path()?;
-            let result = match self.commit_parts(spill_key, parts, Insert::Fast) {
+            let result = match self.commit_or_forget(spill_key, parts, Insert::Fast) {
                 Err(e) if is_permanent(&e) => {
                     debug!("{what}: {}; isolating the refused readings", cause(&e));
-                    self.commit_parts(spill_key, parts, Insert::Isolating)
+                    self.commit_or_forget(spill_key, parts, Insert::Isolating)
                 }
                 result => result,
             };
@@ -569,6 +649,8 @@ impl SqliteStore {
     /// Closes the connection and opens the path again, as `open` does.
     fn reopen(&mut self) -> Result<(), Error> {
         self.stop_checkpointer();
+        // The file opened next may not have the names this one had.
+        self.names.get_mut().clear();
         // The old connection closes before the path is opened again: two
         // connections of one process to the same -shm file would not lock
         // each other out (POSIX locks are per process). An in-memory
@@ -620,6 +702,7 @@ impl SqliteStore {
 fn insert_all(
     conn: &Connection,
     readings: &[Reading],
+    names: &NameKeys,
     interrupted: &AtomicBool,
 ) -> rusqlite::Result<()> {
     let mut insert = conn.prepare_cached(&INSERT_MANY)?;
@@ -628,7 +711,7 @@ fn insert_all(
         if i % 16 == 0 && interrupted.load(Ordering::Relaxed) {
             return Err(interrupted_error());
         }
-        bind_rows(&mut insert, group)?;
+        bind_rows(&mut insert, group, names)?;
         insert.raw_execute()?;
     }
     // The rest one row at a time, with a statement also compiled once:
@@ -637,7 +720,7 @@ fn insert_all(
     if !rest.is_empty() {
         let mut insert = conn.prepare_cached(&INSERT_ONE)?;
         for row in rest.chunks(1) {
-            bind_rows(&mut insert, row)?;
+            bind_rows(&mut insert, row, names)?;
             insert.raw_execute()?;
         }
     }
@@ -651,13 +734,14 @@ fn insert_all(
 fn isolate(
     savepoint: &mut Savepoint<'_>,
     readings: &[Reading],
+    names: &NameKeys,
     interrupted: &AtomicBool,
     refusals: &mut Vec<Refusal>,
 ) -> rusqlite::Result<()> {
     if interrupted.load(Ordering::Relaxed) {
         return Err(interrupted_error());
     }
-    let e = match insert_all(savepoint, readings, interrupted) {
+    let e = match insert_all(savepoint, readings, names, interrupted) {
         Err(e) if is_permanent(&e) => e,
         other => return other,
     };
@@ -676,7 +760,7 @@ fn isolate(
     savepoint.rollback()?;
     if let [reading] = readings {
         refusals.push(Refusal {
-            reading: *reading,
+            reading: reading.clone(),
             cause: cause(&e),
         });
         return Ok(());
@@ -684,21 +768,27 @@ fn isolate(
     let (low, high) = readings.split_at(readings.len() / 2);
     for half in [low, high] {
         let mut inner = savepoint.savepoint()?;
-        isolate(&mut inner, half, interrupted, refusals)?;
+        isolate(&mut inner, half, names, interrupted, refusals)?;
         inner.commit()?;
     }
     Ok(())
 }
 
-/// Binds `rows` to the parameters of an INSERT made by `insert_sql`.
-fn bind_rows(insert: &mut rusqlite::Statement<'_>, rows: &[Reading]) -> rusqlite::Result<()> {
+/// Binds `rows` to the parameters of an INSERT made by `insert_sql`. A
+/// missing measurement or `extra` is NULL.
+fn bind_rows(
+    insert: &mut rusqlite::Statement<'_>,
+    rows: &[Reading],
+    names: &NameKeys,
+) -> rusqlite::Result<()> {
     for (i, r) in rows.iter().enumerate() {
-        let at = 5 * i;
-        insert.raw_bind_parameter(at + 1, r.sensor_id)?;
-        insert.raw_bind_parameter(at + 2, r.temperature)?;
-        insert.raw_bind_parameter(at + 3, r.humidity)?;
+        let at = 6 * i;
+        insert.raw_bind_parameter(at + 1, names.key(r.sensor()))?;
+        insert.raw_bind_parameter(at + 2, r.temperature())?;
+        insert.raw_bind_parameter(at + 3, r.humidity())?;
         insert.raw_bind_parameter(at + 4, r.ingested_at)?;
         insert.raw_bind_parameter(at + 5, r.received_at)?;
+        insert.raw_bind_parameter(at + 6, r.extra().map(|e| e.as_str()))?;
     }
     Ok(())
 }
@@ -748,7 +838,15 @@ fn migrate(conn: &mut Connection) -> Result<(), Migration> {
         )));
     }
     if version < SCHEMA_VERSION {
-        tx.execute_batch(SCHEMA).map_err(Migration::Sql)?;
+        upgrade_measurements(&tx).map_err(|e| match e {
+            Upgrade::Sql(e) => Migration::Sql(e),
+            Upgrade::ReservedIds(n) => Migration::Mismatch(format!(
+                "table {DEFAULT_TABLE}: {n} rows have a sensor_id below {}, which this \
+                 sensord keeps for sensor names; move them to other ids first",
+                NAME_KEYS.end
+            )),
+        })?;
+        tx.execute_batch(&SCHEMA).map_err(Migration::Sql)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(Migration::Sql)?;
     }
@@ -758,6 +856,107 @@ fn migrate(conn: &mut Connection) -> Result<(), Migration> {
     )
     .map_err(Migration::Sql)?;
     tx.commit().map_err(Migration::Sql)
+}
+
+enum Upgrade {
+    Sql(rusqlite::Error),
+    /// Rows whose `sensor_id` is a name key now.
+    ReservedIds(i64),
+}
+
+impl From<rusqlite::Error> for Upgrade {
+    fn from(e: rusqlite::Error) -> Self {
+        Upgrade::Sql(e)
+    }
+}
+
+/// The measurements table as sensord 1 and 2 made it, without whitespace
+/// and in upper case: only a table that starts so (perhaps followed by
+/// columns added with ALTER TABLE) is rebuilt by `upgrade_measurements`.
+const MADE_BY_VERSION_2: &str = "CREATETABLESENSOR_MEASUREMENTS(SENSOR_IDINTEGERNOTNULL,\
+     TEMPERATUREREALNOTNULL,HUMIDITYREALNOTNULL,INGESTED_ATREALNOTNULL,RECEIVED_ATREALNOTNULL";
+
+/// Brings a measurements table to version 3 in the open transaction,
+/// keeping every row. SQLite cannot drop NOT NULL from a column, so a
+/// table sensord 1 or 2 made is rebuilt: created anew (with any columns
+/// added to it since), rows copied, old dropped, new renamed, its indexes
+/// and triggers created again. A table made some other way keeps its
+/// definition (its constraints are its owner's; a reading they refuse is a
+/// refusal) and only gets `extra` if it lacks it. Nothing to do if there
+/// is no table yet.
+fn upgrade_measurements(tx: &Connection) -> Result<(), Upgrade> {
+    let sql: Option<String> = tx
+        .query_row(
+            "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
+            [DEFAULT_TABLE],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(sql) = sql else {
+        return Ok(());
+    };
+    let reserved: i64 = tx.query_row(
+        &format!("SELECT COUNT(*) FROM {DEFAULT_TABLE} WHERE sensor_id < ?1"),
+        [NAME_KEYS.end],
+        |row| row.get(0),
+    )?;
+    if reserved > 0 {
+        return Err(Upgrade::ReservedIds(reserved));
+    }
+    let squeezed: String = sql
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    if !squeezed.starts_with(MADE_BY_VERSION_2) {
+        let has_extra: bool = tx.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = 'extra' COLLATE NOCASE",
+            [DEFAULT_TABLE],
+            |row| row.get(0),
+        )?;
+        if !has_extra {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {DEFAULT_TABLE} ADD COLUMN extra TEXT"
+            ))?;
+        }
+        return Ok(());
+    }
+    // The text after `received_at REAL NOT NULL`: columns added since, and
+    // the closing parenthesis.
+    let upper = sql.to_ascii_uppercase();
+    let rest = upper
+        .find("RECEIVED_AT")
+        .and_then(|at| {
+            upper[at..]
+                .find("NULL")
+                .map(|null| at + null + "NULL".len())
+        })
+        .map_or(")", |end| &sql[end..]);
+    let columns = tx
+        .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?
+        .query_map([DEFAULT_TABLE], |row| row.get::<_, String>(0))?
+        .map(|name| name.map(|n| format!("\"{}\"", n.replace('"', "\"\""))))
+        .collect::<rusqlite::Result<Vec<_>>>()?
+        .join(", ");
+    // Indexes and triggers on the table, as their owners wrote them
+    // (automatic indexes have no SQL and come back with their constraints).
+    let recreate = tx
+        .prepare(
+            "SELECT sql FROM sqlite_schema WHERE tbl_name = ?1 COLLATE NOCASE \
+             AND type IN ('index', 'trigger') AND sql IS NOT NULL",
+        )?
+        .query_map([DEFAULT_TABLE], |row| row.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    tx.execute_batch(&format!(
+        "CREATE TABLE sensord_upgrade ({MEASUREMENTS}{rest};
+         INSERT INTO sensord_upgrade ({columns}) SELECT {columns} FROM {DEFAULT_TABLE};
+         DROP TABLE {DEFAULT_TABLE};
+         ALTER TABLE sensord_upgrade RENAME TO {DEFAULT_TABLE};"
+    ))?;
+    for sql in recreate {
+        tx.execute_batch(&sql)?;
+    }
+    Ok(())
 }
 
 /// Why an existing measurements table cannot take sensord's rows, if it
@@ -801,6 +1000,9 @@ fn table_mismatch(conn: &Connection) -> rusqlite::Result<Option<String>> {
     for (name, expected) in COLUMNS {
         let Some((_, declared, ..)) = columns.iter().find(|c| c.0.eq_ignore_ascii_case(name))
         else {
+            if ADDED_IN_3.contains(&name) {
+                continue;
+            }
             return Ok(Some(format!("no column {name}")));
         };
         if affinity(declared) != expected {
@@ -910,9 +1112,20 @@ impl Store for SqliteStore {
     /// sensor's line (with a warning saying how many). An aggregate with no
     /// number to go on is NaN.
     fn summary(&mut self, filter: &Filter) -> Result<Summary, Error> {
-        let condition = filter.sql(|t| t.to_string());
         let sql_error =
             |e: rusqlite::Error| Error::database(format!("cannot read {}", self.path), cause(&e));
+        // A file sensord has not upgraded (or a table made by hand) may
+        // lack the names table and the extra column: it has neither.
+        let (has_names, has_extra): (bool, bool) = self
+            .conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'sensor_names'),
+                        EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = 'extra' COLLATE NOCASE)",
+                [DEFAULT_TABLE],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(sql_error)?;
+        let condition = filter.sql(|t| t.to_string(), has_names);
         let (readings, first, last, stray): (i64, Option<f64>, Option<f64>, i64) = self
             .conn
             .query_row(
@@ -933,27 +1146,48 @@ impl Store for SqliteStore {
                 self.path
             );
         }
-        let (t, h) = (numeric("temperature"), numeric("humidity"));
         let mut statement = self
             .conn
-            .prepare(&format!(
-                "SELECT sensor_id, COUNT(*), MIN({t}), AVG({t}), MAX({t}),
-                        MIN({h}), AVG({h}), MAX({h}), MAX({at})
-                 FROM {DEFAULT_TABLE} WHERE typeof(sensor_id) = 'integer' AND {condition}
-                 GROUP BY sensor_id ORDER BY sensor_id",
-                at = numeric("ingested_at")
+            .prepare(&per_sensor_sql(
+                DEFAULT_TABLE,
+                &format!("typeof(sensor_id) = 'integer' AND {condition}"),
+                &format!("MAX({})", numeric("ingested_at")),
+                (&numeric("temperature"), &numeric("humidity")),
+                has_names,
             ))
             .map_err(sql_error)?;
-        let per_sensor = statement
+        let (keys, mut per_sensor): (Vec<i64>, Vec<SensorSummary>) = statement
             .query_map([], |row| {
-                SensorSummary::from_row(
+                let summary = SensorSummary::from_row(
                     |i| row.get(i),
                     |i| Ok(row.get::<_, Option<f64>>(i)?.unwrap_or(f64::NAN)),
-                )
+                    |i| row.get(i),
+                )?;
+                Ok((row.get::<_, i64>(0)?, summary))
             })
             .map_err(sql_error)?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(sql_error)?;
+            .map_err(sql_error)?
+            .into_iter()
+            .unzip();
+        let extra_fields = if has_extra {
+            self.conn
+                .prepare(&format!(
+                    "SELECT DISTINCT sensor_id, field.key
+                     FROM {DEFAULT_TABLE}, json_each(CASE WHEN json_valid(extra)
+                         AND json_type(extra) = 'object' THEN extra END) AS field
+                     WHERE typeof(sensor_id) = 'integer'
+                       AND field.type IN ('integer', 'real') AND {condition}"
+                ))
+                .map_err(sql_error)?
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(sql_error)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_error)?
+        } else {
+            Vec::new()
+        };
+        add_extra_measurements(&mut per_sensor, &keys, extra_fields);
         Ok(Summary {
             readings: readings as u64,
             span: first.zip(last),
@@ -1027,12 +1261,15 @@ mod tests {
 
     fn readings(n: usize, seed: usize) -> Vec<Reading> {
         (0..n)
-            .map(|i| Reading {
-                sensor_id: ((i * 7919 + seed) % 991) as i64,
-                temperature: 20.0 + (i % 97) as f64 / 7.0,
-                humidity: (i % 89) as f64 / 89.0,
-                ingested_at: 1_764_150_000.0 + (seed + i) as f64 / 1000.0,
-                received_at: 1_764_150_000.5,
+            .map(|i| {
+                Reading::from(crate::reading::ReadingParts {
+                    sensor_id: crate::reading::SensorId::Int(((i * 7919 + seed) % 991) as i64),
+                    temperature: Some(20.0 + (i % 97) as f64 / 7.0),
+                    humidity: Some((i % 89) as f64 / 89.0),
+                    ingested_at: 1_764_150_000.0 + (seed + i) as f64 / 1000.0,
+                    received_at: 1_764_150_000.5,
+                    extra: None,
+                })
             })
             .collect()
     }

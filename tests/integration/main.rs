@@ -7,6 +7,7 @@ mod faults;
 mod hardening;
 mod ops;
 mod postgres;
+mod sensors;
 mod serve;
 mod sqlite;
 mod util;

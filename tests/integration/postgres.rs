@@ -825,13 +825,14 @@ fn store_options() -> sensord::store::Options {
 
 /// Reading `i` of a test batch: distinct `ingested_at`, a sane temperature.
 fn reading(i: usize, temperature: f64) -> sensord::Reading {
-    sensord::Reading {
-        sensor_id: (i % 7) as i64,
-        temperature,
-        humidity: 0.5,
+    sensord::Reading::from(sensord::reading::ReadingParts {
+        sensor_id: sensord::reading::SensorId::Int((i % 7) as i64),
+        temperature: Some(temperature),
+        humidity: Some(0.5),
         ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
         received_at: 1_764_150_000.0,
-    }
+        extra: None,
+    })
 }
 
 fn row_count(url: &str) -> i64 {
@@ -1257,8 +1258,8 @@ fn pg_poisoned_readings_are_refused_and_the_rest_commit() {
         .collect();
     let id = sensord::store::BatchId { run: 7, seq: 1 };
     let refused = store.write_batch(id, &readings).unwrap();
-    let refused_readings: Vec<_> = refused.iter().map(|r| r.reading).collect();
-    let expected: Vec<_> = poisoned.iter().map(|&i| readings[i]).collect();
+    let refused_readings: Vec<_> = refused.iter().map(|r| r.reading.clone()).collect();
+    let expected: Vec<_> = poisoned.iter().map(|&i| readings[i].clone()).collect();
     assert_eq!(refused_readings, expected);
     for refusal in &refused {
         assert_eq!(
@@ -1315,8 +1316,8 @@ fn pg_spill_import_skips_committed_batches_and_refuses_poison() {
     ];
     let imported = store.import_spill("key-1", &batches).unwrap().unwrap();
     assert_eq!((imported.stored, imported.skipped), (148, 100));
-    let refused: Vec<_> = imported.refused.iter().map(|r| r.reading).collect();
-    assert_eq!(refused, [readings[130], readings[170]]);
+    let refused: Vec<_> = imported.refused.iter().map(|r| r.reading.clone()).collect();
+    assert_eq!(refused, [readings[130].clone(), readings[170].clone()]);
     assert_eq!(rows_and_distinct(&url), (248, 248));
     assert_eq!(store.import_spill("key-1", &batches).unwrap(), None);
     assert_eq!(
@@ -1458,6 +1459,202 @@ fn only_file_ending(dir: &Path, suffix: &str) -> PathBuf {
         dir.display()
     );
     found.into_iter().next().unwrap()
+}
+
+/// Every datagram of the real-sensor corpus, under its unit, gives exactly
+/// its rows in PostgreSQL: values bit-exact, times exact to the
+/// microsecond, names as sent, extras as jsonb; every reading not stored
+/// is counted as rejected.
+#[test]
+fn pg_stores_what_real_sensors_send() {
+    let Some(cluster) = shared() else { return };
+    for run in crate::sensors::corpus() {
+        let url = cluster.database(&format!("corpus_{}", run.unit));
+        let scratch = Scratch::new();
+        let mut server = Server::start(
+            scratch.path(),
+            &["--db", &url, "--timestamp-unit", run.unit],
+        );
+        send_datagrams(server.addr, &run.datagrams);
+        let counts = server.stop_clean();
+        assert_eq!(counts["accepted"], run.rows.len() as u64, "{}", run.unit);
+        assert_eq!(counts["rejected"], run.rejected, "{}", run.unit);
+        assert_eq!(counts["persisted"], run.rows.len() as u64, "{}", run.unit);
+        let rows = connect(&url)
+            .query(
+                "SELECT COALESCE(n.name, m.sensor_id::text), m.temperature, m.humidity,
+                        m.ingested_at, m.extra::text
+                 FROM sensor_measurements m LEFT JOIN sensor_names n ON n.key = m.sensor_id
+                 ORDER BY m.ingested_at",
+                &[],
+            )
+            .unwrap();
+        let mut want = run.rows.clone();
+        want.sort_by(|a, b| a.ingested_at().total_cmp(&b.ingested_at()));
+        for (row, want) in rows.iter().zip(&want) {
+            assert_eq!(micros(row.get(3)), want.micros(), "{want:?}");
+        }
+        let got: Vec<crate::sensors::Got> = rows
+            .iter()
+            .map(|row| crate::sensors::Got {
+                sensor: row.get(0),
+                temperature: row.get(1),
+                humidity: row.get(2),
+                extra: row.get(4),
+            })
+            .collect();
+        crate::sensors::check_rows(&got, &run.rows, run.unit);
+    }
+}
+
+/// The README's psql queries: a named sensor's readings through the
+/// index, an extra field with `->>`; `stats` shows names and measurements.
+#[test]
+fn pg_named_sensors_and_extras_are_queryable() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("named");
+    let scratch = Scratch::new();
+    let run = crate::sensors::corpus().remove(0);
+    let mut server = Server::start(scratch.path(), &["--db", &url]);
+    send_datagrams(server.addr, &run.datagrams);
+    server.stop_clean();
+    let mut client = connect(&url);
+    let temperatures: Vec<f64> = client
+        .query(
+            "SELECT temperature FROM sensor_measurements
+             WHERE sensor_id = (SELECT key FROM sensor_names WHERE name = 'esp32-kitchen')
+             ORDER BY ingested_at",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(temperatures, [21.0, 21.5]);
+    let pressures: Vec<f64> = client
+        .query(
+            "SELECT (extra ->> 'pressure')::float8 FROM sensor_measurements
+             WHERE extra ? 'pressure' ORDER BY ingested_at",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pressures, [1013.25, 990.5]);
+    let out = run_env(&["stats", "--db", &url, "--json"], scratch.path(), &[]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bme = stats["per_sensor"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sensor_id"] == "bme280-attic")
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert_eq!(
+        bme["measurements"],
+        serde_json::json!(["temperature", "humidity", "pressure"])
+    );
+}
+
+/// A table of the previous release, with rows and while another column
+/// of its owner's, is upgraded in place at start: rows intact, the
+/// measurements nullable, `extra jsonb` added; then it takes a named
+/// temperature-only sensor with an extra field.
+#[test]
+fn pg_old_table_is_upgraded_in_place() {
+    let Some(cluster) = shared() else { return };
+    let url = cluster.database("upgrade");
+    let scratch = Scratch::new();
+    connect(&url)
+        .batch_execute(
+            "CREATE TABLE sensor_measurements (
+                 sensor_id   bigint           NOT NULL,
+                 temperature double precision NOT NULL,
+                 humidity    double precision NOT NULL,
+                 ingested_at timestamptz      NOT NULL,
+                 received_at timestamptz      NOT NULL,
+                 site        text             DEFAULT 'barn'
+             );
+             CREATE INDEX sensor_measurements_sensor_time
+                 ON sensor_measurements (sensor_id, ingested_at);
+             INSERT INTO sensor_measurements VALUES
+                 (1, 21.123456789012345, 0.1, to_timestamp(1764150000.5), to_timestamp(1764150000.75), 'attic'),
+                 (2, -0.5, 5e-324, to_timestamp(1764150001.25), to_timestamp(1764150001.5), DEFAULT);",
+        )
+        .unwrap();
+    let mut server = Server::start(scratch.path(), &["--db", &url]);
+    send_datagrams(
+        server.addr,
+        [
+            r#"{"sensor_id": "new-probe", "temperature": 3.5, "rssi": -70, "ingested_at": 1764150002}"#,
+        ],
+    );
+    assert_eq!(server.stop_clean()["persisted"], 1);
+    assert!(
+        server
+            .log_text()
+            .contains("upgraded table sensor_measurements")
+    );
+    let mut client = connect(&url);
+    let rows = client
+        .query(
+            "SELECT COALESCE(n.name, m.sensor_id::text), temperature, humidity, extra::text, site
+             FROM sensor_measurements m LEFT JOIN sensor_names n ON n.key = m.sensor_id
+             ORDER BY ingested_at",
+            &[],
+        )
+        .unwrap();
+    type Row = (
+        String,
+        Option<f64>,
+        Option<f64>,
+        Option<String>,
+        Option<String>,
+    );
+    let got: Vec<Row> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "1".into(),
+                Some(21.123456789012345),
+                Some(0.1),
+                None,
+                Some("attic".into())
+            ),
+            (
+                "2".into(),
+                Some(-0.5),
+                Some(5e-324),
+                None,
+                Some("barn".into())
+            ),
+            (
+                "new-probe".into(),
+                Some(3.5),
+                None,
+                Some(r#"{"rssi": -70}"#.into()),
+                Some("barn".into())
+            ),
+        ]
+    );
+    let nullable: i64 = client
+        .query_one(
+            "SELECT COUNT(*) FROM information_schema.columns
+             WHERE table_name = 'sensor_measurements'
+               AND column_name IN ('temperature', 'humidity') AND is_nullable = 'YES'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(nullable, 2);
+    // A second start finds nothing to upgrade.
+    let mut server = Server::start(scratch.path(), &["--db", &url]);
+    server.stop_clean();
+    assert!(!server.log_text().contains("upgraded table"));
 }
 
 /// --retain on PostgreSQL: readings that arrive a day old are stored, then

@@ -113,7 +113,10 @@ fn bad_datagrams_are_counted_and_good_ones_stored() {
         b"{not json".to_vec(),
         b"42".to_vec(),
         br#"{"temperature": 1, "humidity": 2}"#.to_vec(),
-        br#"{"sensor_id": "x", "temperature": 1, "humidity": 2}"#.to_vec(),
+        br#"{"sensor_id": 1.5, "temperature": 1, "humidity": 2}"#.to_vec(),
+        br#"{"sensor_id": "esp32-kitchen", "firmware": "1.2"}"#.to_vec(),
+        br#"{"sensor_id": "", "temperature": 1}"#.to_vec(),
+        br#"{"sensor_id": 1, "temperature": 1, "gps": {"lat": 48.1}}"#.to_vec(),
         br#"{"sensor_id": 1, "temperature": 1, "humidity": 2, "ingested_at": -5}"#.to_vec(),
         br#"{"sensor_id": 99999999999999999999, "temperature": 1, "humidity": 2}"#.to_vec(),
         Vec::new(),
@@ -145,6 +148,9 @@ fn bad_datagrams_are_counted_and_good_ones_stored() {
         "missing field `sensor_id`",
         "wrong type for `sensor_id`",
         "`ingested_at` out of range",
+        "no measurement",
+        "bad `sensor_id` name",
+        "an extra field holds an object or an array",
     ] {
         assert!(log.contains(reason), "no WARN for {reason}; log:\n{log}");
     }
@@ -179,7 +185,7 @@ fn arrays_store_their_valid_elements() {
         {"sensor_id": 2, "temperature": 2.5, "humidity": 3},
         "nope",
         {"sensor_id": 3, "temperature": true, "humidity": 3},
-        {"sensor_id": 4, "temperature": 4.5, "humidity": 5, "unknown": [1, {"a": 2}]}]
+        {"sensor_id": 4, "temperature": 4.5, "humidity": 5, "firmware": "1.2"}]
     "#;
     send_datagrams(server.addr, [datagram]);
     let counts = server.stop_clean();

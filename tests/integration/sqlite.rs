@@ -48,14 +48,20 @@ fn poisoned_table(db: &Path) {
 /// `n` readings with distinct times; those at `poison` are 5000 degrees.
 fn readings(n: usize, poison: &[usize]) -> Vec<Reading> {
     (0..n)
-        .map(|i| Reading {
-            sensor_id: (i % 10) as i64,
-            temperature: if poison.contains(&i) { 5000.0 } else { 20.5 },
-            humidity: 0.5,
-            ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
-            received_at: 1_764_150_000.0,
-        })
+        .map(|i| reading(i, if poison.contains(&i) { 5000.0 } else { 20.5 }))
         .collect()
+}
+
+/// The `i`th of `readings`, at `temperature`.
+fn reading(i: usize, temperature: f64) -> Reading {
+    Reading::from(sensord::reading::ReadingParts {
+        sensor_id: sensord::reading::SensorId::Int((i % 10) as i64),
+        temperature: Some(temperature),
+        humidity: Some(0.5),
+        ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
+        received_at: 1_764_150_000.0,
+        extra: None,
+    })
 }
 
 fn id(seq: u64) -> BatchId {
@@ -79,8 +85,8 @@ fn poison_readings_are_refused_and_the_rest_commit() {
     let refused = store.write_batch(id(1), &batch).unwrap();
     drop(store);
     assert_eq!(row_count(&scratch.db), 997);
-    let refused_readings: Vec<Reading> = refused.iter().map(|r| r.reading).collect();
-    let expected: Vec<Reading> = poison.iter().map(|&i| batch[i]).collect();
+    let refused_readings: Vec<Reading> = refused.iter().map(|r| r.reading.clone()).collect();
+    let expected: Vec<Reading> = poison.iter().map(|&i| batch[i].clone()).collect();
     assert_eq!(refused_readings, expected);
     for refusal in &refused {
         assert_eq!(refusal.cause, POISON_CAUSE);
@@ -235,7 +241,7 @@ fn older_schema_versions_are_upgraded_and_keep_their_rows() {
         );
         drop(store);
         assert_eq!(row_count(&scratch.db), 12, "version {version}");
-        assert_eq!(query_i64(&scratch.db, "PRAGMA user_version"), 2);
+        assert_eq!(query_i64(&scratch.db, "PRAGMA user_version"), 3);
         assert_eq!(
             query_i64(&scratch.db, "SELECT COUNT(*) FROM sensord_batches"),
             1
@@ -597,10 +603,7 @@ fn the_interrupter_stops_a_long_bisection() {
     let scratch = Scratch::new();
     poisoned_table(&scratch.db);
     let mut store = open(&scratch.db);
-    let mut batch = readings(200_000, &[]);
-    for reading in &mut batch {
-        reading.temperature = 5000.0;
-    }
+    let batch: Vec<Reading> = (0..200_000).map(|i| reading(i, 5000.0)).collect();
     let interrupt = store.interrupter();
     let interrupter = thread::spawn(move || {
         thread::sleep(Duration::from_millis(200));
