@@ -442,16 +442,15 @@ fn capped_receive_buffer_is_a_warning() {
     let scratch = Scratch::new();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    // A copy `nobody` can run wherever the build lives (CI's checkout may
+    // sit in a folder only root can enter).
+    let copy = scratch.path().join("sensord");
+    fs::copy(bin(), &copy).unwrap();
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
     let mut child = std::process::Command::new("runuser")
-        .args([
-            "-u",
-            "nobody",
-            "--",
-            bin(),
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-        ])
+        .args(["-u", "nobody", "--"])
+        .arg(&copy)
+        .args(["serve", "--bind", "127.0.0.1:0"])
         .args(["--db", scratch.db_arg(), "--stats-interval", "0"])
         .current_dir(scratch.path())
         .stderr(std::process::Stdio::piped())
