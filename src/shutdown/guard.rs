@@ -169,7 +169,10 @@ impl ShutdownGuard {
         }
         let mut persister_stuck = false;
         if let Some(persister) = self.persister.take() {
-            if self.wait_for(&persister, deadline) {
+            let stopped = self.await_or_abandon(deadline, "the persister's write", |wait| {
+                persister.wait(wait).then_some(())
+            });
+            if stopped.is_some() {
                 if persister.handle.join().is_err() {
                     error!(
                         "the persister thread panicked; flushing what it held and what is queued"
@@ -216,24 +219,34 @@ impl ShutdownGuard {
         self.shared.shutdown.forced() || Instant::now() >= deadline
     }
 
-    /// Waits for the persister to stop. Once it must hurry it interrupts
-    /// the store, and gives up waiting (returning false) if the persister
-    /// is still stuck in a write `FORCED_GRACE` later.
-    fn wait_for(&self, persister: &Worker<()>, deadline: Instant) -> bool {
+    /// Polls `answer` until it gives one. Once the stop must hurry (a
+    /// second signal, or past `deadline`) it interrupts the store, again on
+    /// every poll, as an interrupt between two statements is lost, and
+    /// gives up (None) if no answer came `FORCED_GRACE` later. `phase`
+    /// names what is abandoned, for the log.
+    fn await_or_abandon<T>(
+        &self,
+        deadline: Instant,
+        phase: &str,
+        mut answer: impl FnMut(Duration) -> Option<T>,
+    ) -> Option<T> {
         let mut hurried_at: Option<Instant> = None;
         loop {
-            if persister.wait(Duration::from_millis(20)) {
-                return true;
+            if let Some(answer) = answer(Duration::from_millis(20)) {
+                return Some(answer);
             }
             if self.hurry(deadline) {
                 let since = *hurried_at.get_or_insert_with(|| {
-                    warn!("the persister is still writing; interrupting it");
+                    if self.shared.shutdown.forced() {
+                        warn!("second signal: interrupting {phase}");
+                    } else {
+                        warn!("{phase} is still waiting on the database after --busy-timeout; interrupting it");
+                    }
                     Instant::now()
                 });
-                // Repeated: an interrupt between two statements is not sticky.
                 (self.shared.interrupt)();
                 if since.elapsed() > FORCED_GRACE {
-                    return false;
+                    return None;
                 }
             }
         }
@@ -273,7 +286,16 @@ impl ShutdownGuard {
                 let _ = done_tx.send((outcome, result));
             });
         let answer = match flusher {
-            Ok(_) => self.await_flush(&done_rx, deadline),
+            Ok(_) => self.await_or_abandon(deadline, "the final flush", |wait| {
+                match done_rx.recv_timeout(wait) {
+                    Ok(outcome) => Some(outcome),
+                    Err(RecvTimeoutError::Disconnected) => Some((
+                        FlushOutcome::default(),
+                        Err(Error::database("final flush", "the flush thread panicked")),
+                    )),
+                    Err(RecvTimeoutError::Timeout) => None,
+                }
+            }),
             Err(e) => Some((
                 FlushOutcome::default(),
                 Err(Error::Thread {
@@ -316,44 +338,6 @@ impl ShutdownGuard {
             Err(e) => {
                 error!("final flush failed: {e}");
                 Some(uncommitted)
-            }
-        }
-    }
-
-    /// The flush's outcome, or None if it must hurry and the interrupted
-    /// flush did not report within `FORCED_GRACE`.
-    fn await_flush(
-        &self,
-        done: &Receiver<(FlushOutcome, Result<(), Error>)>,
-        deadline: Instant,
-    ) -> Option<(FlushOutcome, Result<(), Error>)> {
-        let mut hurried_at: Option<Instant> = None;
-        loop {
-            match done.recv_timeout(Duration::from_millis(20)) {
-                Ok(outcome) => return Some(outcome),
-                Err(RecvTimeoutError::Disconnected) => {
-                    let panicked = Error::database("final flush", "the flush thread panicked");
-                    return Some((FlushOutcome::default(), Err(panicked)));
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            if self.hurry(deadline) {
-                let since = *hurried_at.get_or_insert_with(|| {
-                    if self.shared.shutdown.forced() {
-                        warn!("second signal: abandoning the final flush");
-                    } else {
-                        warn!(
-                            "the final flush is still waiting on the database after \
-                             --busy-timeout; abandoning it"
-                        );
-                    }
-                    Instant::now()
-                });
-                // Repeated: an interrupt between two statements is not sticky.
-                (self.shared.interrupt)();
-                if since.elapsed() > FORCED_GRACE {
-                    return None;
-                }
             }
         }
     }
