@@ -292,10 +292,12 @@ impl RateLimit {
     /// Returns how many were suppressed if a second has passed since the
     /// last line, so a count is never held back waiting for the next event.
     fn overdue(&mut self) -> Option<u64> {
-        let due = self
-            .last
-            .is_some_and(|last| last.elapsed() >= Duration::from_secs(1));
-        if self.suppressed == 0 || !due {
+        // Nothing suppressed (the usual case) costs no clock read.
+        if self.suppressed == 0
+            || self
+                .last
+                .is_none_or(|last| last.elapsed() < Duration::from_secs(1))
+        {
             return None;
         }
         self.last = None;
@@ -340,8 +342,6 @@ pub struct Receiver {
     rejection_logs: [RateLimit; Rejection::KINDS],
     denied_log: RateLimit,
     error_log: RateLimit,
-    /// Set when a line was suppressed, until `log_suppressed` reports it.
-    suppressed: bool,
 }
 
 impl Receiver {
@@ -366,7 +366,6 @@ impl Receiver {
             rejection_logs: [const { RateLimit::new() }; Rejection::KINDS],
             denied_log: RateLimit::new(),
             error_log: RateLimit::new(),
-            suppressed: false,
         }
     }
 
@@ -385,9 +384,7 @@ impl Receiver {
         let mut rejections = Vec::new();
         let mut chunk = Vec::with_capacity(self.chunk_size);
         while !self.shutdown.requested() {
-            if self.suppressed {
-                self.log_suppressed();
-            }
+            self.log_suppressed();
             let wait = if chunk.is_empty() { IDLE_POLL } else { POLL };
             if datagrams.pending() > 0 || self.wait_readable(wait) {
                 // Take everything already waiting, so a burst becomes one
@@ -577,8 +574,6 @@ impl Receiver {
                     "denied datagram from {source}: not in --allow{}",
                     suppressed_note(suppressed)
                 );
-            } else {
-                self.suppressed = true;
             }
             return;
         }
@@ -594,15 +589,14 @@ impl Receiver {
                     suppressed_note(suppressed)
                 );
             } else {
-                self.suppressed = true;
                 debug!("rejected reading from {source}: {rejection}");
             }
         }
     }
 
-    /// Logs the counts of lines suppressed more than a second ago.
+    /// Logs the counts of lines suppressed more than a second ago. Called
+    /// once per wake of the receive loop, not per datagram.
     fn log_suppressed(&mut self) {
-        let mut waiting = false;
         for (index, limit) in self.rejection_logs.iter_mut().enumerate() {
             if let Some(n) = limit.overdue() {
                 warn!(
@@ -611,7 +605,6 @@ impl Receiver {
                     Rejection::kind_name(index).replace('_', " ")
                 );
             }
-            waiting |= limit.suppressed > 0;
         }
         if let Some(n) = self.denied_log.overdue() {
             warn!(
@@ -622,8 +615,6 @@ impl Receiver {
         if let Some(n) = self.error_log.overdue() {
             warn!("{} more receive failures (similar lines suppressed)", n);
         }
-        self.suppressed =
-            waiting || self.denied_log.suppressed > 0 || self.error_log.suppressed > 0;
     }
 
     /// Logs a failed receive (rate-limited) and pauses for POLL, so an
@@ -635,8 +626,6 @@ impl Receiver {
                 error::io_cause(e),
                 suppressed_note(suppressed)
             );
-        } else {
-            self.suppressed = true;
         }
         self.shutdown.wait(POLL);
     }
