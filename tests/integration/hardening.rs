@@ -145,7 +145,6 @@ fn two_instances_cannot_share_a_spill_path() {
         "{stderr}"
     );
     send_datagrams(first.addr, (0..10).map(reading));
-    thread::sleep(Duration::from_millis(200));
     first.stop_clean();
     assert_eq!(row_count(&scratch.db), 10);
 }
@@ -203,7 +202,7 @@ fn kill_during_a_spill_leaves_no_torn_file() {
         assert!(Instant::now() < deadline, "no temporary spill file");
         thread::sleep(Duration::from_millis(20));
     }
-    thread::sleep(Duration::from_millis(200));
+    // Killed anywhere from here to the rename, the outcome is the same.
     signal(server.pid(), libc::SIGKILL);
     server.wait(EXIT);
     assert!(
@@ -288,10 +287,26 @@ fn stop_during_replay_leaves_everything_as_it_was() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    thread::sleep(Duration::from_millis(700));
+    // Its stderr, line by line, so the stop can wait for the import to begin.
+    let (log_tx, log) = std::sync::mpsc::channel();
+    let reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    thread::spawn(move || {
+        for line in std::io::BufRead::lines(reader).map_while(Result::ok) {
+            let _ = log_tx.send(line);
+        }
+    });
+    let mut stderr = String::new();
+    let deadline = Instant::now() + EXIT;
+    while !stderr.contains("importing 5000 readings") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = log
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("the import never began: {stderr}"));
+        stderr += &line;
+        stderr.push('\n');
+    }
+    // The import is held at the failpoint, before its transaction.
     signal(child.id(), libc::SIGTERM);
-    let started = Instant::now();
-    let deadline = started + EXIT;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
@@ -299,8 +314,10 @@ fn stop_during_replay_leaves_everything_as_it_was() {
         assert!(Instant::now() < deadline, "no exit after SIGTERM");
         thread::sleep(Duration::from_millis(20));
     };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    while let Ok(line) = log.recv_timeout(Duration::from_secs(5)) {
+        stderr += &line;
+        stderr.push('\n');
+    }
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("stopped during start-up"), "{stderr}");
     assert_eq!(
@@ -339,7 +356,6 @@ fn allow_accepts_ipv4_mapped_networks() {
         &["--db", scratch.db_arg(), "--allow", "::ffff:127.0.0.1/128"],
     );
     send_datagrams(server.addr, (0..5).map(reading));
-    thread::sleep(Duration::from_millis(200));
     let counts = server.stop_clean();
     assert_eq!((counts["received"], counts["denied"]), (5, 0), "{counts:?}");
     assert_eq!(row_count(&scratch.db), 5);
@@ -412,7 +428,6 @@ fn buffer_peak_shows_a_burst() {
     signal(server.pid(), libc::SIGSTOP);
     send_datagrams(server.addr, (0..300).map(reading));
     signal(server.pid(), libc::SIGCONT);
-    thread::sleep(Duration::from_millis(300));
     server.stop_clean();
     let line = server.wait_for_line("shutdown complete:", EXIT);
     let peak: f64 = line

@@ -367,7 +367,6 @@ fn stats_filters_and_limits() {
         })
         .collect();
     send_datagrams(server.addr, &datagrams);
-    std::thread::sleep(Duration::from_millis(300));
     server.stop_clean();
     let db = scratch.db_arg();
     let stats = |args: &[&str]| {
