@@ -11,11 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-/// A datagram whose sensor id is unique, so duplicates are detectable.
-fn unique(id: u64) -> String {
-    format!(r#"{{"sensor_id": {id}, "temperature": 21.5, "humidity": 7.25}}"#)
-}
-
 fn spill_lines(path: &Path) -> usize {
     spill_readings(path) as usize
 }
@@ -474,7 +469,7 @@ fn kernel_drops_match_the_socket_counter() {
         scratch.path(),
         &["--db", scratch.db_arg(), "--recv-buffer", "4096"],
     );
-    signal(server.pid(), libc::SIGSTOP);
+    pause(server.pid());
     send_datagrams(server.addr, (0..2000).map(unique));
     let dropped = proc_drops(server.pid());
     assert!(dropped > 0, "a 4 KiB buffer cannot hold 2000 datagrams");
@@ -495,28 +490,13 @@ fn kernel_drops_match_the_socket_counter() {
     assert_eq!(row_count(&scratch.db), 2000 - dropped);
 }
 
-/// Peak resident memory of a process, from /proc.
-pub fn peak_rss_kib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// A full-speed flood of maximum-size datagrams (valid arrays and garbage)
 /// keeps memory bounded, and the server keeps serving afterwards.
 #[test]
 fn max_size_flood_keeps_memory_bounded() {
     let scratch = Scratch::new();
     let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
-    // A valid array of readings as close to 65,507 bytes as whole elements allow.
-    let element =
-        r#"{"sensor_id":1,"temperature":21.5,"humidity":7.2,"ingested_at":1764150000.12},"#;
-    let mut array = String::from("[");
-    while array.len() + element.len() < 65_507 {
-        array.push_str(element);
-    }
-    array.pop();
-    array.push(']');
+    let array = max_size_array();
     let garbage = vec![b'x'; 65_507];
     let seconds: u64 = std::env::var("SENSORD_FLOOD_SECONDS")
         .ok()
@@ -538,7 +518,7 @@ fn max_size_flood_keeps_memory_bounded() {
             });
         }
     });
-    let peak = peak_rss_kib(server.pid());
+    let peak = peak_rss(server.pid()).expect("the server is running");
     // Once the server has read what the flood left in its socket buffer, a
     // new reading has room.
     let deadline = Instant::now() + Duration::from_secs(60);

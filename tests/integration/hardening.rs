@@ -10,23 +10,6 @@ use std::time::{Duration, Instant};
 use crate::faults::WriteLock;
 use crate::util::*;
 
-fn reading(id: u64) -> String {
-    format!(r#"{{"sensor_id": {id}, "temperature": 21.5, "humidity": 7.25}}"#)
-}
-
-/// A valid array of readings as close to 65,507 bytes as whole elements allow.
-fn max_size_array() -> String {
-    let element =
-        r#"{"sensor_id":1,"temperature":21.5,"humidity":7.2,"ingested_at":1764150000.12},"#;
-    let mut array = String::from("[");
-    while array.len() + element.len() < 65_507 {
-        array.push_str(element);
-    }
-    array.pop();
-    array.push(']');
-    array
-}
-
 /// A flood of maximum-size arrays that goes on through the stop: the stop
 /// reads only what the socket held, so it ends promptly with memory
 /// bounded, everything it accepted is stored, and the rest is counted.
@@ -98,12 +81,12 @@ fn flood_during_stop_is_bounded() {
 fn datagrams_during_the_final_flush_are_counted_unread() {
     let scratch = Scratch::new();
     let mut server = start_holding(scratch.path(), scratch.db_arg());
-    send_datagrams(server.addr, (0..1000).map(reading));
+    send_datagrams(server.addr, (0..1000).map(unique));
     server.wait_for_accepted(1000, EXIT);
     let lock = WriteLock::take(&scratch.db);
     signal(server.pid(), libc::SIGTERM);
     server.wait_for_line("stopped receiving", EXIT);
-    send_datagrams(server.addr, (1000..1500).map(reading));
+    send_datagrams(server.addr, (1000..1500).map(unique));
     drop(lock);
     assert!(server.wait(EXIT).success(), "log:\n{}", server.log_text());
     let counts = server.shutdown_counts();
@@ -121,7 +104,7 @@ fn datagrams_during_the_final_flush_are_counted_unread() {
 fn sighup_stops_with_the_flush() {
     let scratch = Scratch::new();
     let mut server = start_holding(scratch.path(), scratch.db_arg());
-    send_datagrams(server.addr, (0..2000).map(reading));
+    send_datagrams(server.addr, (0..2000).map(unique));
     server.wait_for_accepted(2000, EXIT);
     assert!(server.stop_with(libc::SIGHUP, EXIT).success());
     assert_eq!(server.shutdown_counts()["flushed_at_shutdown"], 2000);
@@ -144,7 +127,7 @@ fn two_instances_cannot_share_a_spill_path() {
         stderr.contains("sensors.db.spill.jsonl is in use by another sensord"),
         "{stderr}"
     );
-    send_datagrams(first.addr, (0..10).map(reading));
+    send_datagrams(first.addr, (0..10).map(unique));
     first.stop_clean();
     assert_eq!(row_count(&scratch.db), 10);
 }
@@ -181,19 +164,7 @@ fn unusable_spill_folder_fails_at_start() {
 fn kill_during_a_spill_leaves_no_torn_file() {
     let scratch = Scratch::new();
     let spill = scratch.path().join("sensors.db.spill.jsonl");
-    let args = [
-        &["--db", scratch.db_arg(), "--busy-timeout", "200ms"][..],
-        &HOLD_UNTIL_STOP,
-    ]
-    .concat();
-    let mut server = Server::start_with_env(
-        scratch.path(),
-        &args,
-        &[("FAILPOINTS", "spill::before_rename=sleep(60000)")],
-    );
-    send_datagrams(server.addr, (0..3000).map(reading));
-    server.wait_for_accepted(3000, EXIT);
-    let _lock = WriteLock::take(&scratch.db);
+    let (mut server, lock) = bound_to_spill(&scratch, "spill::before_rename=sleep(60000)");
     signal(server.pid(), libc::SIGTERM);
     server.wait_for_line("final flush failed", EXIT);
     // The temporary file is written and synced before the failpoint.
@@ -209,11 +180,27 @@ fn kill_during_a_spill_leaves_no_torn_file() {
         !spill.exists(),
         "the spill file appears whole or not at all"
     );
-    drop(_lock);
+    drop(lock);
 
     let mut server = Server::start(scratch.path(), &["--db", scratch.db_arg()]);
     server.wait_for_line("is left from a spill that was killed", EXIT);
     assert!(server.stop_with(libc::SIGTERM, EXIT).success());
+}
+
+/// A server holding 3,000 accepted readings (nothing commits before the
+/// stop) with `failpoints` set, and another connection's write lock on its
+/// file, so its final flush fails (after 200 ms) and spills.
+fn bound_to_spill(scratch: &Scratch, failpoints: &str) -> (Server, WriteLock) {
+    let args = [
+        &["--db", scratch.db_arg(), "--busy-timeout", "200ms"][..],
+        &HOLD_UNTIL_STOP,
+    ]
+    .concat();
+    let mut server = Server::start_with_env(scratch.path(), &args, &[("FAILPOINTS", failpoints)]);
+    send_datagrams(server.addr, (0..3000).map(unique));
+    server.wait_for_accepted(3000, EXIT);
+    let lock = WriteLock::take(&scratch.db);
+    (server, lock)
 }
 
 fn temp_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -230,19 +217,7 @@ fn temp_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn full_disk_at_spill_counts_lost() {
     let scratch = Scratch::new();
-    let args = [
-        &["--db", scratch.db_arg(), "--busy-timeout", "200ms"][..],
-        &HOLD_UNTIL_STOP,
-    ]
-    .concat();
-    let mut server = Server::start_with_env(
-        scratch.path(),
-        &args,
-        &[("FAILPOINTS", "spill::write=return")],
-    );
-    send_datagrams(server.addr, (0..3000).map(reading));
-    server.wait_for_accepted(3000, EXIT);
-    let lock = WriteLock::take(&scratch.db);
+    let (mut server, lock) = bound_to_spill(&scratch, "spill::write=return");
     let status = server.stop_with(libc::SIGTERM, EXIT);
     drop(lock);
     assert_eq!(status.code(), Some(1));
@@ -355,17 +330,10 @@ fn allow_accepts_ipv4_mapped_networks() {
         scratch.path(),
         &["--db", scratch.db_arg(), "--allow", "::ffff:127.0.0.1/128"],
     );
-    send_datagrams(server.addr, (0..5).map(reading));
+    send_datagrams(server.addr, (0..5).map(unique));
     let counts = server.stop_clean();
     assert_eq!((counts["received"], counts["denied"]), (5, 0), "{counts:?}");
     assert_eq!(row_count(&scratch.db), 5);
-}
-
-/// The process's peak resident memory so far, in KiB; None once it exited.
-fn peak_rss(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// `stats` against a server that accepts TCP and never answers stops on
@@ -425,8 +393,8 @@ fn buffer_peak_shows_a_burst() {
         scratch.path(),
         &["--db", scratch.db_arg(), "--recv-buffer", "262144"],
     );
-    signal(server.pid(), libc::SIGSTOP);
-    send_datagrams(server.addr, (0..300).map(reading));
+    pause(server.pid());
+    send_datagrams(server.addr, (0..300).map(unique));
     signal(server.pid(), libc::SIGCONT);
     server.stop_clean();
     let line = server.wait_for_line("shutdown complete:", EXIT);

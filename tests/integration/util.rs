@@ -376,3 +376,54 @@ pub fn spill_readings(path: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A datagram whose sensor id is unique, so duplicates are detectable.
+pub fn unique(id: u64) -> String {
+    format!(r#"{{"sensor_id": {id}, "temperature": 21.5, "humidity": 7.25}}"#)
+}
+
+/// A valid array of readings as close to 65,507 bytes as whole elements allow.
+pub fn max_size_array() -> String {
+    let element =
+        r#"{"sensor_id":1,"temperature":21.5,"humidity":7.2,"ingested_at":1764150000.12},"#;
+    let mut array = String::from("[");
+    while array.len() + element.len() < 65_507 {
+        array.push_str(element);
+    }
+    array.pop();
+    array.push(']');
+    array
+}
+
+/// A process's peak resident memory so far (VmHWM), in KiB; None once it
+/// has exited.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Stops process `pid` (SIGSTOP) and waits, up to `EXIT`, until every one
+/// of its threads is stopped: the signal takes effect asynchronously, and a
+/// test that sends right after `kill` would race threads still running.
+pub fn pause(pid: u32) {
+    signal(pid, libc::SIGSTOP);
+    let deadline = Instant::now() + EXIT;
+    let all_stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|task| {
+                    std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                        // The state follows the command name's closing parenthesis.
+                        stat.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with('T'))
+                    })
+                })
+            })
+            .unwrap_or(false)
+    };
+    while !all_stopped() {
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
