@@ -59,6 +59,8 @@ fn readings(rng: &mut StdRng, n: usize, start: f64) -> Vec<Reading> {
                 ingested_at: at,
                 received_at: at,
                 extra: None,
+                seq: None,
+                boot: None,
             })
         })
         .collect()

@@ -30,6 +30,8 @@ fn readings(n: usize) -> Vec<Reading> {
                 ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
                 received_at: 1_764_150_000.5 + i as f64 / 1000.0,
                 extra: None,
+                seq: None,
+                boot: None,
             })
         })
         .collect()

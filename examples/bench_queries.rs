@@ -118,6 +118,8 @@ fn fill(db: &str, count: usize) {
                     ingested_at: at,
                     received_at: at + 0.001,
                     extra: None,
+                    seq: None,
+                    boot: None,
                 })
             })
             .collect();

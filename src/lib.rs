@@ -13,6 +13,11 @@
 //! - `shutdown`: the whole stop path: the trigger every thread watches,
 //!   and in `shutdown::guard` the `ShutdownGuard`, whose `Drop` is the
 //!   final flush, with each phase bounded.
+//! - `delivery`: exactly-once for sequenced readings: a duplicate window
+//!   and loss counters per sensor and boot. Pure logic; the persister
+//!   loads and commits its state through the store.
+//! - `acks`: acknowledgements sent after a commit, within what each source
+//!   has sent (no amplification).
 //! - `store`: the `Store` trait and its SQLite and PostgreSQL
 //!   implementations. SQL only.
 //! - `spill`: the spill file written when the final flush cannot commit
@@ -28,11 +33,13 @@
 //! - `ledger`, `error`: counters, the error type.
 //!
 //! Dependencies flow one way: main → server/client/stats →
-//! http/receiver/persister/retention/shutdown → store/spill/reading/ledger
+//! http/receiver/persister/retention/shutdown → acks/store/spill/delivery/
+//! reading/ledger
 //! → error.
 
 pub mod client;
 pub mod datagrams;
+pub mod delivery;
 pub mod error;
 pub mod http;
 pub mod ledger;

@@ -38,6 +38,21 @@ pub const MAX_EXTRA_STRING_BYTES: usize = 256;
 /// With the other limits it bounds what one queued reading holds.
 pub const MAX_EXTRA_BYTES: usize = 1024;
 
+/// The largest `seq` and `boot`: they are stored as signed 64-bit integers.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// `Reading::seq` when the sensor sent no sequence number.
+const NO_SEQ: u64 = u64::MAX;
+
+/// Where a reading stands in its sensor's stream: the run of the sensor's
+/// firmware (`boot`) and the reading's number in it (`seq`). With the
+/// sensor, the identity that makes delivery exactly once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sequence {
+    pub boot: u64,
+    pub seq: u64,
+}
+
 /// Now as unix seconds, the unit of every timestamp in a reading.
 pub fn unix_now() -> f64 {
     // Before 1970 only on a broken clock; 0 then keeps a reading valid.
@@ -46,13 +61,14 @@ pub fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// One validated sensor reading, as queued, sorted and stored: 48 bytes,
+/// One validated sensor reading, as queued, sorted and stored: 64 bytes,
 /// packed because the channel, the batches, the sort and the final flush
 /// move every reading several times. Unpacked (80 bytes: `Option`s and two
 /// boxes) the final flush of a million took 0.513 s against main's 0.480;
 /// packed, 0.490 against 0.488, and peak RSS 36.4 MiB instead of 40
 /// (`scripts/bench.sh`; docs/decisions/real-sensors.md). The original
-/// datagram's reading holds no heap memory.
+/// datagram's reading holds no heap memory. Sequence numbers added 16
+/// bytes (one cache line in all); see docs/decisions/sequence-numbers.md.
 ///
 /// Build one from `ReadingParts`; read the sensor and the measurements
 /// through the accessors, which say what the packing means.
@@ -72,6 +88,10 @@ pub struct Reading {
     /// The sensor's name and extra fields; None (no allocation) when it has
     /// neither, as for the original datagram.
     labels: Option<Box<Labels>>,
+    /// The sequence number; `NO_SEQ` when the sensor sent none.
+    seq: u64,
+    /// The sensor's boot; 0 without a sequence number.
+    boot: u64,
 }
 
 /// What a reading holds besides numbers, boxed together so that a reading
@@ -98,6 +118,13 @@ pub struct ReadingParts {
     /// The sensor's other fields, if it sent any (and they are kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extra: Option<Extra>,
+    /// The reading's number in its sensor's boot, if the sensor numbers
+    /// its readings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The sensor's boot; only with `seq` (absent is 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<u64>,
 }
 
 impl From<ReadingParts> for Reading {
@@ -120,6 +147,9 @@ impl From<ReadingParts> for Reading {
             ingested_at: parts.ingested_at,
             received_at: parts.received_at,
             labels,
+            // A `boot` without `seq` is kept apart, so `check` can refuse it.
+            seq: parts.seq.unwrap_or(NO_SEQ),
+            boot: parts.boot.unwrap_or(0),
         }
     }
 }
@@ -143,6 +173,14 @@ impl Reading {
     /// None when the sensor did not send it.
     pub fn humidity(&self) -> Option<f64> {
         measurement(self.humidity)
+    }
+
+    /// The reading's boot and number, if the sensor numbers its readings.
+    pub fn sequence(&self) -> Option<Sequence> {
+        (self.seq != NO_SEQ).then_some(Sequence {
+            boot: self.boot,
+            seq: self.seq,
+        })
     }
 
     /// The sensor's other fields, if it sent any (and they are kept).
@@ -185,6 +223,15 @@ impl Reading {
         if self.temperature().is_none() && self.humidity().is_none() && !numeric_extra {
             return Err(Rejection::NoMeasurement);
         }
+        if self.seq == NO_SEQ && self.boot != 0 {
+            return Err(Rejection::Missing(Field::Seq));
+        }
+        if self.seq > MAX_SEQ && self.seq != NO_SEQ {
+            return Err(Rejection::OutOfRange(Field::Seq));
+        }
+        if self.boot > MAX_SEQ {
+            return Err(Rejection::OutOfRange(Field::Boot));
+        }
         Ok(())
     }
 }
@@ -204,6 +251,7 @@ impl PartialEq for Reading {
             && self.ingested_at == other.ingested_at
             && self.received_at == other.received_at
             && self.extra() == other.extra()
+            && self.sequence() == other.sequence()
     }
 }
 
@@ -216,6 +264,7 @@ impl fmt::Debug for Reading {
             .field("ingested_at", &self.ingested_at)
             .field("received_at", &self.received_at)
             .field("extra", &self.extra())
+            .field("sequence", &self.sequence())
             .finish()
     }
 }
@@ -235,7 +284,12 @@ impl Serialize for Reading {
             received_at: f64,
             #[serde(skip_serializing_if = "Option::is_none")]
             extra: Option<&'a Extra>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            seq: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            boot: Option<u64>,
         }
+        let sequence = self.sequence();
         Line {
             sensor_id: self.sensor(),
             temperature: self.temperature(),
@@ -243,6 +297,8 @@ impl Serialize for Reading {
             ingested_at: self.ingested_at,
             received_at: self.received_at,
             extra: self.extra(),
+            seq: sequence.map(|s| s.seq),
+            boot: sequence.map(|s| s.boot),
         }
         .serialize(serializer)
     }
@@ -436,6 +492,10 @@ pub enum Field {
     ReceivedAt,
     /// Only in spill files: the extra fields as one object.
     Extra,
+    /// The reading's sequence number.
+    Seq,
+    /// The sensor's boot.
+    Boot,
 }
 
 impl Field {
@@ -447,6 +507,8 @@ impl Field {
             Field::IngestedAt => "ingested_at",
             Field::ReceivedAt => "received_at",
             Field::Extra => "extra",
+            Field::Seq => "seq",
+            Field::Boot => "boot",
         }
     }
 }
@@ -524,6 +586,7 @@ impl fmt::Display for Rejection {
             Rejection::NotUtf8 => f.write_str("not UTF-8"),
             Rejection::NotJson => f.write_str("not JSON"),
             Rejection::NotObject => f.write_str("not a JSON object"),
+            Rejection::Missing(Field::Seq) => f.write_str("`boot` without `seq`"),
             Rejection::Missing(field) => write!(f, "missing field `{}`", field.name()),
             Rejection::WrongType(Field::SensorId) => {
                 f.write_str("wrong type for `sensor_id` (expected an integer or a name)")
@@ -534,6 +597,11 @@ impl fmt::Display for Rejection {
             Rejection::WrongType(Field::Extra) => {
                 f.write_str("wrong type for `extra` (expected a JSON object)")
             }
+            Rejection::WrongType(field @ (Field::Seq | Field::Boot)) => write!(
+                f,
+                "wrong type for `{}` (expected an integer 0 to {MAX_SEQ})",
+                field.name()
+            ),
             Rejection::WrongType(field) => {
                 write!(f, "wrong type for `{}` (expected a number)", field.name())
             }
@@ -544,6 +612,11 @@ impl fmt::Display for Rejection {
             Rejection::OutOfRange(field @ (Field::IngestedAt | Field::ReceivedAt)) => write!(
                 f,
                 "`{}` out of range (must be 1970 to 9999: 0 to {MAX_INGESTED_AT} unix seconds)",
+                field.name()
+            ),
+            Rejection::OutOfRange(field @ (Field::Seq | Field::Boot)) => write!(
+                f,
+                "`{}` out of range (must be an integer 0 to {MAX_SEQ})",
                 field.name()
             ),
             Rejection::OutOfRange(field) => {
@@ -1059,6 +1132,8 @@ impl<'de> Deserialize<'de> for Key {
                     "humidity" => Key::Known(Field::Humidity),
                     "ingested_at" => Key::Known(Field::IngestedAt),
                     "received_at" => Key::Known(Field::ReceivedAt),
+                    "seq" => Key::Known(Field::Seq),
+                    "boot" => Key::Known(Field::Boot),
                     other => Key::Other(other.to_string()),
                 })
             }
@@ -1075,6 +1150,8 @@ struct RawReading {
     temperature: Option<Scalar>,
     humidity: Option<Scalar>,
     ingested_at: Option<Scalar>,
+    seq: Option<Scalar>,
+    boot: Option<Scalar>,
     /// Other fields, when kept; empty (no allocation) for most readings.
     extra: Vec<(String, ExtraValue)>,
     /// The first reason an extra field cannot be stored.
@@ -1093,6 +1170,8 @@ impl RawReading {
                 Key::Known(Field::Temperature) => &mut raw.temperature,
                 Key::Known(Field::Humidity) => &mut raw.humidity,
                 Key::Known(Field::IngestedAt) => &mut raw.ingested_at,
+                Key::Known(Field::Seq) => &mut raw.seq,
+                Key::Known(Field::Boot) => &mut raw.boot,
                 Key::Other(name) if extra_fields == ExtraFields::Keep => {
                     raw.add_extra(name, &mut map)?;
                     continue;
@@ -1184,6 +1263,11 @@ impl RawReading {
         if temperature.is_none() && humidity.is_none() && !numeric_extra {
             return Err(Rejection::NoMeasurement);
         }
+        let seq = sequence_number(self.seq, Field::Seq)?;
+        let boot = sequence_number(self.boot, Field::Boot)?;
+        if seq.is_none() && boot.is_some() {
+            return Err(Rejection::Missing(Field::Seq));
+        }
         Ok(Reading::from(ReadingParts {
             sensor_id,
             temperature,
@@ -1191,7 +1275,21 @@ impl RawReading {
             ingested_at,
             received_at,
             extra,
+            seq,
+            boot,
         }))
+    }
+}
+
+/// A `seq` or `boot` value: absent or null is None, else an integer from
+/// 0 to `MAX_SEQ`.
+fn sequence_number(value: Option<Scalar>, field: Field) -> Result<Option<u64>, Rejection> {
+    match value {
+        None | Some(Scalar::Null) => Ok(None),
+        Some(Scalar::UInt(v)) if v <= MAX_SEQ => Ok(Some(v)),
+        // serde_json gives an i64 only for a negative integer.
+        Some(Scalar::UInt(_) | Scalar::Int(_)) => Err(Rejection::OutOfRange(field)),
+        Some(_) => Err(Rejection::WrongType(field)),
     }
 }
 
@@ -1271,15 +1369,17 @@ mod tests {
                 ingested_at: 1764150000.12,
                 received_at: NOW,
                 extra: None,
+                seq: None,
+                boot: None,
             })]
         );
     }
 
-    /// A reading stays packed in 48 bytes, and the original datagram's
+    /// A reading stays packed in 64 bytes, and the original datagram's
     /// holds no heap memory.
     #[test]
     fn reading_is_packed() {
-        assert_eq!(std::mem::size_of::<Reading>(), 48);
+        assert_eq!(std::mem::size_of::<Reading>(), 64);
         let r = one(r#"{"sensor_id": 42, "temperature": 21.5, "humidity": 7.2}"#);
         assert!(r.labels.is_none());
     }
@@ -1787,6 +1887,8 @@ mod tests {
                         ingested_at,
                         received_at: NOW,
                         extra: None,
+                        seq: None,
+                        boot: None,
                     })
                 })
         }

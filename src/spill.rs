@@ -474,6 +474,8 @@ mod tests {
             ingested_at: 1764150000.123456,
             received_at: 1764150000.5,
             extra: None,
+            seq: None,
+            boot: None,
         })
     }
 

@@ -502,6 +502,8 @@ mod tests {
                     ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
                     received_at: 1_764_150_000.0,
                     extra: None,
+                    seq: None,
+                    boot: None,
                 })
             })
             .collect()

@@ -832,6 +832,8 @@ fn reading(i: usize, temperature: f64) -> sensord::Reading {
         ingested_at: 1_764_150_000.0 + i as f64 / 1000.0,
         received_at: 1_764_150_000.0,
         extra: None,
+        seq: None,
+        boot: None,
     })
 }
 
