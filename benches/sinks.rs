@@ -77,7 +77,7 @@ fn sqlite(c: &mut Criterion) {
     let db = dir.path().join("bench.db");
     let mut sink = store::open(db.to_str().unwrap(), &options(store::DEFAULT_TABLE)).unwrap();
     bench_batches(c, "sqlite", |id, batch| {
-        sink.write_batch(id, batch).unwrap();
+        sink.write_batch(id, batch, &[]).unwrap();
     });
 }
 
@@ -88,7 +88,7 @@ fn postgres_copy(c: &mut Criterion) {
     };
     let mut sink = store::open(&url, &options("bench_copy")).unwrap();
     bench_batches(c, "postgres_copy", |id, batch| {
-        sink.write_batch(id, batch).unwrap();
+        sink.write_batch(id, batch, &[]).unwrap();
     });
 }
 

@@ -126,7 +126,7 @@ fn fill(db: &str, count: usize) {
         store::sort_for_index(&mut batch);
         seq += 1;
         store
-            .write_batch(BatchId { run: 0, seq }, &batch)
+            .write_batch(BatchId { run: 0, seq }, &batch, &[])
             .unwrap_or_else(|e| fail(&e.to_string()));
         next += n;
     }

@@ -1,13 +1,21 @@
 //! `sensord send`: a client sending random readings, one per datagram, as
-//! the original design's client did.
+//! the original design's client did, numbered per sensor (`seq`, `boot`).
+//! With `--reliable` it keeps each reading until the server acknowledges
+//! it, retransmitting with exponential back-off (see README, "Delivery
+//! over a lossy network").
 
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt::Write as _;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::RangeInclusive;
+use std::os::fd::AsFd;
 use std::str::FromStr;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use serde::Deserialize;
 
 use log::{info, warn};
 use rand::rngs::StdRng;
@@ -15,7 +23,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::error::Error;
 use crate::reading::unix_now;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, poll_readable};
 
 /// What to send, from the command line.
 #[derive(Clone, Debug)]
@@ -28,6 +36,10 @@ pub struct SendConfig {
     pub sensor_ids: SensorIds,
     /// Seed for reproducible readings; None draws one from the OS.
     pub seed: Option<u64>,
+    /// Keep every reading until acknowledged, retransmitting it.
+    pub reliable: bool,
+    /// The most readings unacknowledged at once (`--reliable`).
+    pub max_unacked: usize,
 }
 
 /// A `--sensor-ids LO-HI` range.
@@ -54,9 +66,41 @@ impl FromStr for SensorIds {
     }
 }
 
-/// Sends readings until `count` is reached or `shutdown` is triggered.
-/// Returns how many were sent.
-pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<u64, Error> {
+/// What a run of `send` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Readings sent (each once; retransmissions are counted apart).
+    pub sent: u64,
+    /// Readings acknowledged (`--reliable`).
+    pub acked: u64,
+    /// Retransmissions.
+    pub retransmitted: u64,
+    /// Readings given up on after `GIVE_UP` without an ack.
+    pub gave_up: u64,
+}
+
+impl Sent {
+    /// True when a reliable run has every reading acknowledged.
+    pub fn all_acked(&self) -> bool {
+        self.acked == self.sent
+    }
+}
+
+/// The first retransmission timeout: above a commit's usual latency
+/// (`--flush-interval` is 100 ms), well under CoAP's 2 s, which suits a
+/// sensor sending once a minute rather than every 10 ms.
+pub const INITIAL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Back-off doubles the timeout up to this, so a long outage is probed
+/// every few seconds instead of ever more rarely.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(4);
+/// A reading unacknowledged this long after its first send is given up.
+pub const GIVE_UP: Duration = Duration::from_secs(60);
+/// Retransmissions are packed as JSON arrays into datagrams this large.
+const RETRANSMIT_BYTES: usize = 1400;
+
+/// Sends readings until `count` is reached or `shutdown` is triggered,
+/// numbered per sensor (`seq` from 0, one random `boot` per run).
+pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<Sent, Error> {
     let local = if config.to.is_ipv4() {
         "0.0.0.0:0"
     } else {
@@ -74,59 +118,305 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<u64, Error> {
         Some(seed) => StdRng::seed_from_u64(seed),
         None => rand::make_rng(),
     };
+    // 0 to 2^63-1, as the server takes.
+    let boot = rng.random::<u64>() >> 1;
     info!(
-        "sending to {} every {}",
+        "sending to {} every {} (boot {boot}{})",
         config.to,
-        humantime::format_duration(config.interval)
+        humantime::format_duration(config.interval),
+        if config.reliable {
+            ", retransmitting until acknowledged"
+        } else {
+            ""
+        }
     );
-    let mut datagram = String::with_capacity(128);
-    let (mut sent, mut failed) = (0u64, 0u64);
+    let mut client = Client {
+        socket,
+        to: config.to,
+        boot,
+        reliable: config.reliable,
+        max_unacked: config.max_unacked.max(1),
+        next_seq: HashMap::new(),
+        unacked: BTreeMap::new(),
+        timers: BinaryHeap::new(),
+        sent: Sent::default(),
+        refused: 0,
+    };
+    client.socket.set_nonblocking(true).map_err(|source| Error::Io {
+        what: "make the socket non-blocking",
+        source,
+    })?;
     let mut next = Instant::now();
-    while config.count.is_none_or(|count| sent < count) && !shutdown.requested() {
-        datagram.clear();
-        // Writing to a String cannot fail.
-        let _ = write!(
-            datagram,
-            r#"{{"sensor_id":{},"temperature":{},"humidity":{},"ingested_at":{}}}"#,
-            rng.random_range(config.sensor_ids.0.clone()),
-            rng.random_range(1.0..35.0),
-            rng.random_range(1.0..12.0),
-            unix_now()
-        );
-        match socket.send(datagram.as_bytes()) {
-            Ok(_) => sent += 1,
-            // Nobody listening yet (ICMP port unreachable): keep going.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                if failed == 0 {
-                    warn!("{} refused a datagram; is the server running?", config.to);
-                }
-                failed += 1;
-            }
-            Err(source) => {
-                return Err(Error::Io {
-                    what: "send a datagram",
-                    source,
-                });
+    while config.count.is_none_or(|count| client.sent.sent < count) && !shutdown.requested() {
+        if client.reliable {
+            client.read_acks()?;
+            client.retransmit(&mut rng)?;
+            if client.unacked.len() >= client.max_unacked {
+                client.wait(Duration::from_millis(50), shutdown)?;
+                continue;
             }
         }
+        let sensor = rng.random_range(config.sensor_ids.0.clone());
+        client.send_new(sensor, &mut rng)?;
         if !config.interval.is_zero() {
             // A late wake-up (a busy machine) is not made up with a burst.
             next = (next + config.interval).max(Instant::now());
-            pace(next, shutdown);
+            if client.reliable {
+                while Instant::now() < next && !shutdown.requested() {
+                    client.wait(next.saturating_duration_since(Instant::now()), shutdown)?;
+                    client.read_acks()?;
+                    client.retransmit(&mut rng)?;
+                }
+            } else {
+                pace(next, shutdown);
+            }
         }
     }
-    info!("sent {}", crate::ledger::count(sent, "reading"));
-    if failed > 0 {
+    if client.reliable {
+        // The last acks: until every reading is acknowledged or given up.
+        if !client.unacked.is_empty() {
+            info!(
+                "waiting up to {} for the last {} acks",
+                humantime::format_duration(GIVE_UP),
+                client.unacked.len()
+            );
+        }
+        while !client.unacked.is_empty() && !shutdown.requested() {
+            client.wait(Duration::from_millis(50), shutdown)?;
+            client.read_acks()?;
+            client.retransmit(&mut rng)?;
+        }
+    }
+    let sent = client.sent;
+    if client.reliable {
+        info!(
+            "sent {}, acked {}, retransmitted {}, gave up {}",
+            crate::ledger::count(sent.sent, "reading"),
+            sent.acked,
+            sent.retransmitted,
+            sent.gave_up
+        );
+    } else {
+        info!("sent {}", crate::ledger::count(sent.sent, "reading"));
+    }
+    if client.refused > 0 && !sent.all_acked() {
         // The kernel reports a refusal on the send after the one refused,
         // so some "sent" readings were refused too.
         return Err(Error::Config(format!(
             "{} refused {}: nothing is listening there (is `sensord serve` running, on that \
              port?)",
             config.to,
-            crate::ledger::count(failed, "datagram")
+            crate::ledger::count(client.refused, "datagram")
         )));
     }
     Ok(sent)
+}
+
+/// A reading kept until it is acknowledged.
+struct Pending {
+    /// Its JSON object, exactly as first sent.
+    text: String,
+    first_sent: Instant,
+    /// The current retransmission timeout, and when it expires.
+    timeout: Duration,
+    due: Instant,
+}
+
+/// The sending side of `send`.
+struct Client {
+    socket: UdpSocket,
+    to: SocketAddr,
+    boot: u64,
+    reliable: bool,
+    max_unacked: usize,
+    /// The next `seq` of each sensor.
+    next_seq: HashMap<i64, u64>,
+    /// Readings sent and not yet acknowledged, by sensor and seq.
+    unacked: BTreeMap<(i64, u64), Pending>,
+    /// Retransmission deadlines; an entry whose reading was acknowledged
+    /// or rescheduled since is skipped when it comes up.
+    timers: BinaryHeap<Reverse<(Instant, i64, u64)>>,
+    sent: Sent,
+    /// Sends the kernel refused (nothing listening).
+    refused: u64,
+}
+
+impl Client {
+    /// Sends a new random reading from `sensor`, keeping it if reliable.
+    fn send_new(&mut self, sensor: i64, rng: &mut StdRng) -> Result<(), Error> {
+        let next = self.next_seq.entry(sensor).or_default();
+        let seq = *next;
+        *next += 1;
+        let mut text = String::with_capacity(160);
+        // Writing to a String cannot fail.
+        let _ = write!(
+            text,
+            r#"{{"sensor_id":{sensor},"boot":{},"seq":{seq},"temperature":{},"humidity":{},"ingested_at":{}}}"#,
+            self.boot,
+            rng.random_range(1.0..35.0),
+            rng.random_range(1.0..12.0),
+            unix_now()
+        );
+        self.send(text.as_bytes())?;
+        self.sent.sent += 1;
+        if self.reliable {
+            let now = Instant::now();
+            let timeout = jitter(INITIAL_TIMEOUT, rng);
+            self.timers.push(Reverse((now + timeout, sensor, seq)));
+            self.unacked.insert(
+                (sensor, seq),
+                Pending {
+                    text,
+                    first_sent: now,
+                    timeout: INITIAL_TIMEOUT,
+                    due: now + timeout,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, datagram: &[u8]) -> Result<(), Error> {
+        match self.socket.send(datagram) {
+            Ok(_) => Ok(()),
+            // Nobody listening yet (ICMP port unreachable): keep going.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                if self.refused == 0 {
+                    warn!("{} refused a datagram; is the server running?", self.to);
+                }
+                self.refused += 1;
+                Ok(())
+            }
+            // The socket's send buffer is full: the datagram is lost, as
+            // on the network; a reliable send retransmits it.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(source) => Err(Error::Io {
+                what: "send a datagram",
+                source,
+            }),
+        }
+    }
+
+    /// Reads every ack waiting, and forgets what they acknowledge.
+    fn read_acks(&mut self) -> Result<(), Error> {
+        let mut buffer = [0u8; 65_536];
+        loop {
+            let n = match self.socket.recv(&mut buffer) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    self.refused += 1;
+                    continue;
+                }
+                Err(source) => {
+                    return Err(Error::Io {
+                        what: "read acks",
+                        source,
+                    });
+                }
+            };
+            let Ok(ack) = serde_json::from_slice::<Ack>(&buffer[..n]) else {
+                continue;
+            };
+            for entry in ack.ack {
+                if entry.boot != self.boot {
+                    continue;
+                }
+                for (lo, hi) in entry.seq {
+                    let done: Vec<(i64, u64)> = self
+                        .unacked
+                        .range((entry.sensor_id, lo)..=(entry.sensor_id, hi))
+                        .map(|(key, _)| *key)
+                        .collect();
+                    for key in done {
+                        self.unacked.remove(&key);
+                        self.sent.acked += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Retransmits every reading whose timeout expired, packed into
+    /// arrays, doubling its timeout; gives up on those past `GIVE_UP`.
+    fn retransmit(&mut self, rng: &mut StdRng) -> Result<(), Error> {
+        let now = Instant::now();
+        let mut datagram = String::from("[");
+        while let Some(&Reverse((due, sensor, seq))) = self.timers.peek() {
+            if due > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(pending) = self.unacked.get_mut(&(sensor, seq)) else {
+                continue;
+            };
+            if pending.due != due {
+                continue;
+            }
+            if now.duration_since(pending.first_sent) >= GIVE_UP {
+                self.unacked.remove(&(sensor, seq));
+                self.sent.gave_up += 1;
+                continue;
+            }
+            pending.timeout = (pending.timeout * 2).min(MAX_TIMEOUT);
+            pending.due = now + jitter(pending.timeout, rng);
+            self.timers.push(Reverse((pending.due, sensor, seq)));
+            if datagram.len() + pending.text.len() + 2 > RETRANSMIT_BYTES && datagram.len() > 1 {
+                datagram.push(']');
+                let full = std::mem::replace(&mut datagram, String::from("["));
+                self.send(full.as_bytes())?;
+            }
+            // Pending readings are borrowed from the map: copy the text.
+            let text = &self.unacked[&(sensor, seq)].text;
+            if datagram.len() > 1 {
+                datagram.push(',');
+            }
+            datagram.push_str(text);
+            self.sent.retransmitted += 1;
+        }
+        if datagram.len() > 1 {
+            datagram.push(']');
+            self.send(datagram.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` (at most until the next retransmission) for an
+    /// ack to arrive or a stop request.
+    fn wait(&self, timeout: Duration, shutdown: &Shutdown) -> Result<(), Error> {
+        let until_due = self
+            .timers
+            .peek()
+            .map_or(timeout, |Reverse((due, _, _))| {
+                due.saturating_duration_since(Instant::now())
+            });
+        let fds = [self.socket.as_fd(), shutdown.wake_fd()];
+        poll_readable(&fds, timeout.min(until_due)).map_err(|source| Error::Io {
+            what: "wait for acks",
+            source,
+        })?;
+        Ok(())
+    }
+}
+
+/// A timeout times a random factor from 1 to 1.5, as CoAP's
+/// ACK_RANDOM_FACTOR, so retransmissions of many readings spread out.
+fn jitter(timeout: Duration, rng: &mut StdRng) -> Duration {
+    timeout.mul_f64(rng.random_range(1.0..1.5))
+}
+
+/// An ack datagram, as the server sends it.
+#[derive(Deserialize)]
+struct Ack {
+    ack: Vec<AckEntry>,
+}
+
+#[derive(Deserialize)]
+struct AckEntry {
+    /// Integer ids only: `send` sends no names.
+    sensor_id: i64,
+    boot: u64,
+    seq: Vec<(u64, u64)>,
 }
 
 /// Sleeps until `until`, waking early on shutdown.

@@ -39,6 +39,11 @@ pub struct Ledger {
     pub dead_letter: AtomicU64,
     /// Readings that could be neither committed nor written to a file.
     pub lost: AtomicU64,
+    /// Sequenced readings already stored or queued, not stored again.
+    pub duplicates: AtomicU64,
+    /// Sequenced readings older than their stream's duplicate window, not
+    /// stored (`delivery::WINDOW`).
+    pub late: AtomicU64,
     /// Datagrams read at a stop beyond what the drain keeps, and dropped
     /// unparsed (see `receiver`); part of `unread`.
     pub discarded: AtomicU64,
@@ -137,6 +142,8 @@ pub struct Counts {
     pub spilled: u64,
     pub dead_letter: u64,
     pub lost: u64,
+    pub duplicates: u64,
+    pub late: u64,
     /// Datagrams the kernel dropped on our socket before a stop began
     /// (Linux only; 0 elsewhere).
     pub kernel_drops: u64,
@@ -186,6 +193,8 @@ impl Ledger {
             spilled: get(&self.spilled),
             dead_letter: get(&self.dead_letter),
             lost: get(&self.lost),
+            duplicates: get(&self.duplicates),
+            late: get(&self.late),
             kernel_drops,
             unread: unread + get(&self.discarded),
             rejected_by_reason: self.rejected_by_reason.each_ref().map(get),
@@ -216,7 +225,12 @@ impl Counts {
     /// the receiver's chunk, the channel, the batch being gathered or the
     /// commit in progress. Derived, so the stats line always sums.
     fn with_queued(mut self) -> Self {
-        let done = self.persisted + self.spilled + self.dead_letter + self.lost;
+        let done = self.persisted
+            + self.spilled
+            + self.dead_letter
+            + self.lost
+            + self.duplicates
+            + self.late;
         self.queued = self.accepted.saturating_sub(done);
         self
     }
@@ -243,14 +257,16 @@ impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "received={} accepted={} rejected={}{} denied={} persisted={} queued={} \
-             dead_letter={} kernel_drops={} expired={} buffer_peak={}%",
+            "received={} accepted={} rejected={}{} denied={} persisted={} duplicates={} \
+             late={} queued={} dead_letter={} kernel_drops={} expired={} buffer_peak={}%",
             self.received,
             self.accepted,
             self.rejected,
             self.reasons(),
             self.denied,
             self.persisted,
+            self.duplicates,
+            self.late,
             self.queued,
             self.dead_letter,
             self.kernel_drops,

@@ -37,6 +37,7 @@
 //! reading/ledger
 //! → error.
 
+pub mod acks;
 pub mod client;
 pub mod datagrams;
 pub mod delivery;

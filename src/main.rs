@@ -114,6 +114,10 @@ struct ServeArgs {
     /// Store a reading's other fields in its `extra` column, or ignore them.
     #[arg(long, value_enum, default_value_t = ExtraFields::Keep)]
     extra_fields: ExtraFields,
+    /// Acknowledge sequenced readings once committed (to the port they came
+    /// from), so senders can retransmit what was lost.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    acks: Switch,
     /// PostgreSQL password file (first line), used when neither the URL nor
     /// PGPASSWORD gives a password.
     #[arg(long, value_name = "PATH")]
@@ -146,6 +150,16 @@ struct SendArgs {
     /// Seed for reproducible readings.
     #[arg(long)]
     seed: Option<u64>,
+    /// Keep every reading until the server acknowledges it, retransmitting
+    /// it with back-off (0.5 s doubling to 4 s; given up after 60 s); exit
+    /// 0 only if every reading was acknowledged.
+    #[arg(long)]
+    reliable: bool,
+    /// With --reliable, the most readings unacknowledged at once; new
+    /// readings wait while it is reached. At most 16384, the server's
+    /// duplicate window.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=16_384))]
+    max_unacked: u64,
 }
 
 #[derive(clap::Args)]
@@ -310,6 +324,7 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
             timestamp_unit: args.timestamp_unit,
             extra_fields: args.extra_fields,
         },
+        acks: args.acks == Switch::On,
     };
     let outcome = server::run(socket, store, spill, config, ops, shutdown)?;
     info!("{}", outcome.shutdown_line());
@@ -335,8 +350,19 @@ fn send(args: SendArgs, shutdown: &Shutdown) -> Result<ExitCode, Error> {
         count: args.count,
         sensor_ids: args.sensor_ids,
         seed: args.seed,
+        reliable: args.reliable,
+        // At most 16384: fits.
+        max_unacked: args.max_unacked as usize,
     };
-    client::run(&config, shutdown)?;
+    let sent = client::run(&config, shutdown)?;
+    if config.reliable && !sent.all_acked() {
+        error!(
+            "{} of {} readings were not acknowledged",
+            sent.sent - sent.acked,
+            sent.sent
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -419,4 +445,11 @@ fn register_signals() -> Result<Shutdown, Error> {
         what: "register signal handlers",
         source,
     })
+}
+
+/// A setting that is on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }

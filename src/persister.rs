@@ -8,6 +8,11 @@
 //! good are set aside by the store and written to the dead-letter file
 //! here, so one poison reading never stalls the rest.
 //!
+//! Sequenced readings are admitted (`delivery`) as a batch is formed:
+//! duplicates are dropped and counted, and the state of each stream the
+//! batch touches commits with it. After the commit the acks it made due are
+//! sent (`acks`).
+//!
 //! What is still in flight at a stop is the shutdown guard's
 //! (`shutdown::guard`), which shares `Shared` with the persister.
 
@@ -18,6 +23,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use log::{debug, error, info, warn};
 
+use crate::acks::{Acks, Chunk};
+use crate::delivery::{Admitted, Delivery, StreamUpdate};
+use crate::error::Error;
 use crate::ledger::{self, Ledger};
 use crate::reading::Reading;
 use crate::shutdown::Shutdown;
@@ -48,7 +56,17 @@ pub(crate) struct Held {
     /// The batch being written, with its id: after a failed attempt a store
     /// may not know whether it landed, so it is only ever retried under
     /// the same id.
-    pub(crate) in_flight: Option<(BatchId, Arc<Vec<Reading>>)>,
+    pub(crate) in_flight: Option<(BatchId, Arc<Batch>)>,
+}
+
+/// A batch as committed: admitted readings and the state of their streams.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Batch {
+    pub(crate) readings: Vec<Reading>,
+    pub(crate) streams: Vec<StreamUpdate>,
+    /// Readings taken from `Held` to form it, duplicates included: what
+    /// its commit makes due in `Acks`.
+    pub(crate) taken: usize,
 }
 
 /// What the persister and the shutdown guard share.
@@ -63,6 +81,11 @@ pub struct Shared {
     /// Where readings go that cannot be committed: the spill file at a
     /// stop, the dead-letter file for refused readings.
     pub(crate) spill: Spill,
+    /// The streams of sequenced readings. Locked last (after `held`, then
+    /// `acks`) when with them, and never across a database call.
+    pub(crate) delivery: Mutex<Delivery>,
+    /// Acks owed, sent after commits.
+    pub(crate) acks: Mutex<Acks>,
 }
 
 impl Shared {
@@ -71,6 +94,7 @@ impl Shared {
         ledger: Arc<Ledger>,
         shutdown: Shutdown,
         spill: Spill,
+        acks: Acks,
     ) -> Self {
         Shared {
             interrupt: store.interrupter(),
@@ -80,6 +104,45 @@ impl Shared {
             ledger,
             shutdown,
             spill,
+            delivery: Mutex::default(),
+            acks: Mutex::new(acks),
+        }
+    }
+
+    /// Loads from `store` the streams of `readings` not in memory.
+    pub(crate) fn load_streams(
+        &self,
+        store: &mut dyn Store,
+        readings: &[Reading],
+    ) -> Result<(), Error> {
+        let unknown = lock(&self.delivery).unknown(readings);
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let mut loaded = Vec::new();
+        for key in unknown {
+            if let Some(record) = store.load_stream(&key)? {
+                loaded.push((key, record));
+            }
+        }
+        let mut delivery = lock(&self.delivery);
+        for (key, record) in loaded {
+            delivery.insert(key, record);
+        }
+        Ok(())
+    }
+
+    /// Counts what admission set aside.
+    pub(crate) fn count_admitted(&self, admitted: &Admitted) {
+        Ledger::add(&self.ledger.duplicates, admitted.duplicates);
+        Ledger::add(&self.ledger.late, admitted.late);
+        if admitted.late > 0 {
+            warn!(
+                "{} older than their sensor's duplicate window ({} readings behind its \
+                 newest) not stored (late)",
+                ledger::count(admitted.late, "sequenced reading"),
+                crate::delivery::WINDOW
+            );
         }
     }
 
@@ -154,13 +217,13 @@ impl BatchIds {
 
 /// The persister's state; `run` consumes it on the `persister` thread.
 pub struct Persister {
-    rx: Receiver<Vec<Reading>>,
+    rx: Receiver<Chunk>,
     shared: Arc<Shared>,
     config: BatchConfig,
 }
 
 impl Persister {
-    pub fn new(rx: Receiver<Vec<Reading>>, shared: Arc<Shared>, config: BatchConfig) -> Self {
+    pub fn new(rx: Receiver<Chunk>, shared: Arc<Shared>, config: BatchConfig) -> Self {
         Persister { rx, shared, config }
     }
 
@@ -239,48 +302,99 @@ impl Persister {
     }
 
     /// Moves chunks into the held readings; returns how many are held.
-    fn take(&self, chunks: Vec<Vec<Reading>>, oldest: &mut Option<Instant>) -> usize {
+    fn take(&self, chunks: Vec<Chunk>, oldest: &mut Option<Instant>) -> usize {
         let mut held = lock(&self.shared.held);
         if held.readings.is_empty() {
             *oldest = Some(Instant::now());
         }
+        let mut acks = lock(&self.shared.acks);
         for mut chunk in chunks {
-            held.readings.append(&mut chunk);
+            acks.taken(chunk.readings.len(), chunk.acks);
+            held.readings.append(&mut chunk.readings);
         }
         held.readings.len()
+    }
+
+    /// Forms the next batch from up to `batch_size` of the oldest held
+    /// readings: loads the streams it needs, admits its readings, and puts
+    /// it in flight. Fails, leaving the readings held, if a stream cannot
+    /// be loaded.
+    fn prepare(&self, batch_size: usize) -> Result<(BatchId, Arc<Batch>), Error> {
+        let first: Vec<Reading> = {
+            let held = lock(&self.shared.held);
+            let n = held.readings.len().min(batch_size);
+            lock(&self.shared.delivery).make_room();
+            // Only the sequenced ones matter: usually none, or few.
+            held.readings[..n]
+                .iter()
+                .filter(|r| r.sequence().is_some())
+                .cloned()
+                .collect()
+        };
+        if !first.is_empty() {
+            self.shared
+                .load_streams(&mut **lock(&self.shared.store), &first)?;
+        }
+        let mut held = lock(&self.shared.held);
+        let n = held.readings.len().min(batch_size);
+        let taken = if n == held.readings.len() {
+            std::mem::take(&mut held.readings)
+        } else {
+            held.readings.drain(..n).collect()
+        };
+        let admitted = lock(&self.shared.delivery).admit(taken);
+        self.shared.count_admitted(&admitted);
+        let mut readings = admitted.readings;
+        store::sort_for_index(&mut readings);
+        let batch = Arc::new(Batch {
+            readings,
+            streams: admitted.streams,
+            taken: n,
+        });
+        let id = self.shared.next_id();
+        held.in_flight = Some((id, Arc::clone(&batch)));
+        Ok((id, batch))
     }
 
     /// Commits up to `batch_size` of the oldest held readings, retrying until
     /// it succeeds; returns how many remain held. Returns None, leaving the
     /// batch in flight for the guard, if shutdown is requested first.
     fn commit(&self, batch_size: usize) -> Option<usize> {
-        let (id, batch) = {
-            let mut held = lock(&self.shared.held);
-            let n = held.readings.len().min(batch_size);
-            let mut batch = if n == held.readings.len() {
-                std::mem::take(&mut held.readings)
-            } else {
-                held.readings.drain(..n).collect()
-            };
-            store::sort_for_index(&mut batch);
-            let batch = Arc::new(batch);
-            let id = self.shared.next_id();
-            held.in_flight = Some((id, Arc::clone(&batch)));
-            (id, batch)
-        };
-        let n = batch.len();
         let started = Instant::now();
         let started_ms = ledger::unix_ms();
         let mut delay = FIRST_BACKOFF;
         let mut attempt = 1u32;
+        let mut prepared: Option<(BatchId, Arc<Batch>)> = None;
+        let mut n = 0;
         loop {
             #[cfg(feature = "failpoints")]
             fail::fail_point!("persister::commit");
             let attempt_started = Instant::now();
-            let result = lock(&self.shared.store).write_batch(id, &batch);
+            let result = match &prepared {
+                Some((id, batch)) => {
+                    lock(&self.shared.store).write_batch(*id, &batch.readings, &batch.streams)
+                }
+                None => match self.prepare(batch_size) {
+                    Ok((id, batch)) => {
+                        n = batch.readings.len();
+                        let result = lock(&self.shared.store).write_batch(
+                            id,
+                            &batch.readings,
+                            &batch.streams,
+                        );
+                        prepared = Some((id, batch));
+                        result
+                    }
+                    Err(e) => Err(e),
+                },
+            };
             match result {
                 Ok(refused) => {
                     self.shared.committed(n, &refused);
+                    if let Some((_, batch)) = &prepared {
+                        let mut acks = lock(&self.shared.acks);
+                        acks.committed(batch.taken, &lock(&self.shared.delivery));
+                    }
                     let commits = &self.shared.ledger.commits;
                     commits.committed(attempt_started.elapsed(), ledger::unix_ms());
                     debug!(

@@ -347,6 +347,14 @@ pub enum SensorId {
 }
 
 impl SensorId {
+    /// Borrowed as a reading's sensor.
+    pub fn as_sensor(&self) -> Sensor<'_> {
+        match self {
+            SensorId::Int(id) => Sensor::Int(*id),
+            SensorId::Name(name) => Sensor::Name(name),
+        }
+    }
+
     /// The id a string denotes: the integer it spells canonically, else a
     /// name.
     pub fn from_text(text: &str) -> SensorId {

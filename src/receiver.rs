@@ -15,12 +15,13 @@ use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
 use ipnet::{IpNet, Ipv4Net};
 use log::{debug, info, warn};
 
+use crate::acks::{AckRequest, Chunk};
 use crate::datagrams::Datagrams;
 use crate::error::Error;
 use crate::ledger::Ledger;
 use crate::reading::{Format, Rejection, parse_datagram};
 use crate::shutdown::{Shutdown, poll_readable};
-use crate::{Reading, error};
+use crate::error;
 
 /// How long a receiver holding a chunk the full queue refused waits before
 /// offering it again, and how often a blocked send looks at the shutdown
@@ -316,13 +317,15 @@ pub struct Settings {
     pub allow: Vec<Cidr>,
     /// How datagrams are read (`--timestamp-unit`, `--extra-fields`).
     pub format: Format,
+    /// Whether datagrams with sequenced readings are to be acknowledged.
+    pub acks: bool,
 }
 
 /// The receive loop's state; `run` consumes it on the `receiver` thread.
 pub struct Receiver {
     socket: UdpSocket,
     /// Chunks of readings for the persister.
-    tx: Sender<Vec<Reading>>,
+    tx: Sender<Chunk>,
     /// The persister's thread, unparked when the queue passes half full
     /// (it sleeps while its batch is not yet due).
     persister: Thread,
@@ -336,6 +339,8 @@ pub struct Receiver {
     allow: Vec<Cidr>,
     /// How datagrams are read.
     format: Format,
+    /// Whether to note the acks datagrams are owed (`--acks on`).
+    acks: bool,
     ledger: Arc<Ledger>,
     shutdown: Shutdown,
     /// One rate limit per rejection reason, and one for denied sources.
@@ -347,7 +352,7 @@ pub struct Receiver {
 impl Receiver {
     pub fn new(
         socket: UdpSocket,
-        tx: Sender<Vec<Reading>>,
+        tx: Sender<Chunk>,
         persister: Thread,
         settings: Settings,
         ledger: Arc<Ledger>,
@@ -361,6 +366,7 @@ impl Receiver {
             drain_limit: settings.drain_limit.max(1),
             allow: settings.allow,
             format: settings.format,
+            acks: settings.acks,
             ledger,
             shutdown,
             rejection_logs: [const { RateLimit::new() }; Rejection::KINDS],
@@ -372,7 +378,7 @@ impl Receiver {
     /// Receives until shutdown, then reads what the kernel held for the
     /// socket when the stop came (see `drain`). Returns the readings it
     /// could not hand to the persister (the tail), for the final flush.
-    pub fn run(mut self) -> Result<Vec<Reading>, Error> {
+    pub fn run(mut self) -> Result<Chunk, Error> {
         // Reads never block: `wait_readable` does the waiting.
         self.socket
             .set_nonblocking(true)
@@ -382,7 +388,7 @@ impl Receiver {
             })?;
         let mut datagrams = Datagrams::new();
         let mut rejections = Vec::new();
-        let mut chunk = Vec::with_capacity(self.chunk_size);
+        let mut chunk = Chunk::with_capacity(self.chunk_size);
         while !self.shutdown.requested() {
             self.log_suppressed();
             let wait = if chunk.is_empty() { IDLE_POLL } else { POLL };
@@ -406,7 +412,7 @@ impl Receiver {
                     // reading each would otherwise each allocate a full
                     // chunk (40 KiB), which the allocator hands back to the
                     // kernel when the persister frees it, and faults in again.
-                    Ok(()) => chunk = Vec::with_capacity(sent),
+                    Ok(()) => chunk = Chunk::with_capacity(sent),
                     Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
                         chunk = back;
                     }
@@ -414,7 +420,7 @@ impl Receiver {
                 self.wake_if_filling();
                 continue;
             }
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(self.chunk_size));
+            let full = std::mem::replace(&mut chunk, Chunk::with_capacity(self.chunk_size));
             if let Some(unsent) = self.hand_over(full) {
                 chunk = unsent;
                 break;
@@ -435,7 +441,7 @@ impl Receiver {
     fn drain(
         &mut self,
         datagrams: &mut Datagrams,
-        chunk: &mut Vec<Reading>,
+        chunk: &mut Chunk,
         rejections: &mut Vec<Rejection>,
     ) {
         match refuse_new_datagrams(&self.socket) {
@@ -487,7 +493,7 @@ impl Receiver {
     fn read_waiting(
         &mut self,
         datagrams: &mut Datagrams,
-        chunk: &mut Vec<Reading>,
+        chunk: &mut Chunk,
         rejections: &mut Vec<Rejection>,
         limit: usize,
     ) -> u64 {
@@ -534,7 +540,7 @@ impl Receiver {
 
     /// Sends a chunk to the persister, waiting while the channel is full.
     /// Gives the chunk back if shutdown is requested meanwhile.
-    fn hand_over(&self, mut chunk: Vec<Reading>) -> Option<Vec<Reading>> {
+    fn hand_over(&self, mut chunk: Chunk) -> Option<Chunk> {
         loop {
             self.wake_if_filling();
             match self.tx.send_timeout(chunk, POLL) {
@@ -564,7 +570,7 @@ impl Receiver {
         datagram: &[u8],
         source: SocketAddr,
         received_at: f64,
-        chunk: &mut Vec<Reading>,
+        chunk: &mut Chunk,
         rejections: &mut Vec<Rejection>,
     ) {
         if !self.allow.is_empty() && !self.allow.iter().any(|cidr| cidr.contains(source.ip())) {
@@ -579,8 +585,20 @@ impl Receiver {
         }
         Ledger::add(&self.ledger.received, 1);
         let before = chunk.len();
-        parse_datagram(datagram, received_at, &self.format, chunk, rejections);
-        Ledger::add(&self.ledger.accepted, (chunk.len() - before) as u64);
+        parse_datagram(
+            datagram,
+            received_at,
+            &self.format,
+            &mut chunk.readings,
+            rejections,
+        );
+        let parsed = &chunk.readings[before..];
+        Ledger::add(&self.ledger.accepted, parsed.len() as u64);
+        if self.acks
+            && let Some(request) = AckRequest::of(source, datagram.len(), parsed)
+        {
+            chunk.acks.push(request);
+        }
         for rejection in rejections.drain(..) {
             self.ledger.count_rejection(rejection);
             if let Some(suppressed) = self.rejection_logs[rejection.index()].allow() {

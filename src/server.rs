@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
+use crate::acks::Acks;
 use crate::error::Error;
 use crate::http;
 use crate::ledger::{Counts, Ledger};
@@ -37,6 +38,8 @@ pub struct Config {
     pub busy_timeout: Duration,
     /// How datagrams are read.
     pub format: Format,
+    /// Whether sequenced readings are acknowledged (`--acks`).
+    pub acks: bool,
 }
 
 /// What runs beside ingest, made ready by the caller at start so that a
@@ -65,8 +68,8 @@ impl Outcome {
         let c = &self.counts;
         format!(
             "shutdown complete: received={} accepted={} rejected={}{} persisted={} \
-             flushed_at_shutdown={} spilled={} dead_letter={} lost={} denied={} \
-             kernel_drops={} unread={} expired={} buffer_peak={}%",
+             flushed_at_shutdown={} spilled={} duplicates={} late={} dead_letter={} lost={} \
+             denied={} kernel_drops={} unread={} expired={} buffer_peak={}%",
             c.received,
             c.accepted,
             c.rejected,
@@ -74,6 +77,8 @@ impl Outcome {
             c.persisted,
             c.flushed_at_shutdown,
             c.spilled,
+            c.duplicates,
+            c.late,
             c.dead_letter,
             c.lost,
             c.denied,
@@ -111,11 +116,17 @@ pub fn run(
         what: "read the bound address",
         source,
     })?;
+    let acks = Acks::new(if config.acks {
+        Some(socket_clone(&socket)?)
+    } else {
+        None
+    });
     let shared = Arc::new(Shared::new(
         store,
         Arc::clone(&ledger),
         shutdown.clone(),
         spill,
+        acks,
     ));
     let persister = Persister::new(rx.clone(), Arc::clone(&shared), config.batch.clone());
     let mut guard = ShutdownGuard::new(rx, shared, config.busy_timeout);
@@ -129,6 +140,7 @@ pub fn run(
             drain_limit: config.queue_capacity,
             allow: config.allow.clone(),
             format: config.format,
+            acks: config.acks,
         },
         Arc::clone(&ledger),
         shutdown.clone(),

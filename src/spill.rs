@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::{Delivery, StreamUpdate};
 use crate::error::Error;
 use crate::reading::Reading;
 use crate::store::{self, BatchId, Refusal, SpillBatch, Store};
@@ -241,6 +242,26 @@ impl Spill {
         let mut bytes = Vec::new();
         io::Read::read_to_end(&mut file, &mut bytes).map_err(spill_error)?;
         let mut batches = parse(&self.path, &bytes, skip_bad_lines)?;
+        // Sequenced readings are admitted against what the database holds,
+        // in the order they were received, as the persister would have.
+        let mut delivery = Delivery::new();
+        let mut streams: Vec<StreamUpdate> = Vec::new();
+        let (mut duplicates, mut late) = (0, 0);
+        for batch in &mut batches {
+            for key in delivery.unknown(&batch.readings) {
+                if let Some(record) = store.load_stream(&key)? {
+                    delivery.insert(key, record);
+                }
+            }
+            let admitted = delivery.admit(std::mem::take(&mut batch.readings));
+            batch.readings = admitted.readings;
+            (duplicates, late) = (duplicates + admitted.duplicates, late + admitted.late);
+            for update in admitted.streams {
+                // A later batch's state of a stream includes the earlier's.
+                streams.retain(|s| s.key != update.key);
+                streams.push(update);
+            }
+        }
         // The key is of the file's bytes, so sorting does not change it.
         for batch in &mut batches {
             store::sort_for_index(&mut batch.readings);
@@ -254,7 +275,7 @@ impl Spill {
         // Tests stop the process here.
         #[cfg(feature = "failpoints")]
         fail::fail_point!("spill::before_import");
-        let outcome = store.import_spill(&key, &batches)?;
+        let outcome = store.import_spill(&key, &batches, &streams)?;
         let replayed = match outcome {
             Some(imported) => {
                 // Durable before the file goes: a failure here keeps it.
@@ -265,6 +286,11 @@ impl Spill {
                     notes += &format!(
                         "; {} were committed before (an unanswered COMMIT) and not stored again",
                         imported.skipped
+                    );
+                }
+                if duplicates + late > 0 {
+                    notes += &format!(
+                        "; {duplicates} duplicates and {late} late sequenced readings not stored"
                     );
                 }
                 if dead_letter > 0 {

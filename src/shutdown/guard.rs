@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{error, info, warn};
 
+use crate::acks::Chunk;
 use crate::error::Error;
 use crate::ledger::Ledger;
-use crate::persister::{Shared, lock};
+use crate::persister::{Batch, Shared, lock};
 use crate::reading::Reading;
 use crate::store::{self, BatchId, Refusal, SpillBatch};
 
@@ -104,12 +105,12 @@ impl FlushReport {
 /// spills them.
 pub struct ShutdownGuard {
     /// Joined first: its tail is what it read after the stop.
-    pub receiver: Option<Worker<Result<Vec<Reading>, Error>>>,
+    pub receiver: Option<Worker<Result<Chunk, Error>>>,
     /// Joined second; a panic here is reported, and what it held is salvaged.
     pub persister: Option<Worker<()>>,
     /// A second handle on the channel, so what is queued survives the
     /// persister (a panicking thread drops its own handle).
-    rx: Receiver<Vec<Reading>>,
+    rx: Receiver<Chunk>,
     shared: Arc<Shared>,
     /// How long the database may make a stop wait: `--busy-timeout`.
     busy_timeout: Duration,
@@ -120,14 +121,15 @@ pub struct ShutdownGuard {
 /// The readings the final flush must commit: perhaps a batch to retry
 /// under its old id, then the rest.
 struct Uncommitted {
-    retry: Option<(BatchId, Arc<Vec<Reading>>)>,
+    retry: Option<(BatchId, Arc<Batch>)>,
+    /// Not admitted yet (`delivery`): the flush admits them.
     rest: Vec<Reading>,
     /// The id the rest is committed under, and spilled with.
     rest_id: BatchId,
 }
 
 impl ShutdownGuard {
-    pub fn new(rx: Receiver<Vec<Reading>>, shared: Arc<Shared>, busy_timeout: Duration) -> Self {
+    pub fn new(rx: Receiver<Chunk>, shared: Arc<Shared>, busy_timeout: Duration) -> Self {
         ShutdownGuard {
             receiver: None,
             persister: None,
@@ -159,7 +161,7 @@ impl ShutdownGuard {
         if let Some(persister) = &self.persister {
             persister.handle.thread().unpark();
         }
-        let mut tail = Vec::new();
+        let mut tail = Chunk::default();
         if let Some(receiver) = self.receiver.take() {
             match receiver.handle.join() {
                 Ok(Ok(readings)) => tail = readings,
@@ -193,10 +195,13 @@ impl ShutdownGuard {
             }
         };
         // The receiver has stopped, so nothing more arrives; empty the channel.
-        for chunk in self.rx.try_iter() {
-            uncommitted.rest.extend(chunk);
+        {
+            let mut acks = lock(&self.shared.acks);
+            for chunk in self.rx.try_iter().chain([tail]) {
+                acks.taken(chunk.readings.len(), chunk.acks);
+                uncommitted.rest.extend(chunk.readings);
+            }
         }
-        uncommitted.rest.append(&mut tail);
         if uncommitted.retry.is_some() || !uncommitted.rest.is_empty() {
             let uncommitted = if persister_stuck {
                 warn!("the persister did not stop in time; spilling what it held");
@@ -259,9 +264,6 @@ impl ShutdownGuard {
         mut uncommitted: Uncommitted,
         deadline: Instant,
     ) -> Option<Uncommitted> {
-        // The retried batch was sorted when it was first taken. The
-        // receiver has stopped, so the second core is free to sort.
-        store::sort_for_index_on_two_threads(&mut uncommitted.rest);
         let started = Instant::now();
         let shared = Arc::clone(&self.shared);
         let rest = Arc::new(std::mem::take(&mut uncommitted.rest));
@@ -275,10 +277,14 @@ impl ShutdownGuard {
                 let mut outcome = FlushOutcome::default();
                 let result = (|| {
                     if let Some((id, batch)) = &retry {
-                        outcome.retry_refused = Some(store.write_batch(*id, batch)?);
+                        outcome.retry_refused =
+                            Some(store.write_batch(*id, &batch.readings, &batch.streams)?);
                     }
                     if !rest_for_flusher.is_empty() {
-                        outcome.rest_refused = Some(store.write_batch(id, &rest_for_flusher)?);
+                        let batch = admit(&shared, &mut **store, &rest_for_flusher)?;
+                        let written = store.write_batch(id, &batch.readings, &batch.streams);
+                        outcome.rest = Some(batch);
+                        outcome.rest_refused = Some(written?);
                     }
                     Ok(())
                 })();
@@ -316,15 +322,22 @@ impl ShutdownGuard {
         });
         let mut committed = 0;
         if let (Some(refused), Some((_, batch))) = (&outcome.retry_refused, &uncommitted.retry) {
-            self.shared.committed(batch.len(), refused);
-            committed += batch.len() - refused.len();
+            self.shared.committed(batch.readings.len(), refused);
+            committed += batch.readings.len() - refused.len();
             uncommitted.retry = None;
         }
-        if let Some(refused) = &outcome.rest_refused {
-            self.shared.committed(rest.len(), refused);
-            committed += rest.len() - refused.len();
-        } else {
-            uncommitted.rest = Arc::unwrap_or_clone(rest);
+        match (outcome.rest, &outcome.rest_refused) {
+            (Some(batch), Some(refused)) => {
+                self.shared.count_admitted(&batch.admitted);
+                self.shared.committed(batch.readings.len(), refused);
+                committed += batch.readings.len() - refused.len();
+            }
+            // Admitted, not committed: spilled as admitted.
+            (Some(batch), None) => {
+                self.shared.count_admitted(&batch.admitted);
+                uncommitted.rest = batch.readings;
+            }
+            _ => uncommitted.rest = Arc::unwrap_or_clone(rest),
         }
         Ledger::add(&self.shared.ledger.flushed_at_shutdown, committed as u64);
         match result {
@@ -333,6 +346,8 @@ impl ShutdownGuard {
                     "final flush committed {committed} readings in {:.3}s",
                     started.elapsed().as_secs_f64()
                 );
+                let mut acks = lock(&self.shared.acks);
+                acks.all_committed(&lock(&self.shared.delivery));
                 None
             }
             Err(e) => {
@@ -349,7 +364,7 @@ impl ShutdownGuard {
         if let Some((id, batch)) = uncommitted.retry {
             batches.push(SpillBatch {
                 id: Some(id),
-                readings: Arc::unwrap_or_clone(batch),
+                readings: Arc::unwrap_or_clone(batch).readings,
             });
         }
         if !uncommitted.rest.is_empty() {
@@ -380,7 +395,42 @@ impl ShutdownGuard {
 #[derive(Default)]
 struct FlushOutcome {
     retry_refused: Option<Vec<Refusal>>,
+    /// The rest, once admitted.
+    rest: Option<FlushBatch>,
     rest_refused: Option<Vec<Refusal>>,
+}
+
+/// The final flush's own batch: the rest, admitted and sorted.
+struct FlushBatch {
+    readings: Vec<Reading>,
+    streams: Vec<crate::delivery::StreamUpdate>,
+    /// What admission set aside, counted once the guard has the answer.
+    admitted: crate::delivery::Admitted,
+}
+
+/// Admits `rest` (in arrival order, loading the streams it needs) and
+/// sorts what it keeps. Readings without sequence numbers pass as they are.
+fn admit(
+    shared: &Shared,
+    store: &mut dyn store::Store,
+    rest: &[Reading],
+) -> Result<FlushBatch, Error> {
+    let (mut readings, streams, admitted) = if rest.iter().any(|r| r.sequence().is_some()) {
+        shared.load_streams(store, rest)?;
+        let mut admitted = lock(&shared.delivery).admit(rest.to_vec());
+        let readings = std::mem::take(&mut admitted.readings);
+        let streams = std::mem::take(&mut admitted.streams);
+        (readings, streams, admitted)
+    } else {
+        (rest.to_vec(), Vec::new(), crate::delivery::Admitted::default())
+    };
+    // The receiver has stopped, so the second core is free to sort.
+    store::sort_for_index_on_two_threads(&mut readings);
+    Ok(FlushBatch {
+        readings,
+        streams,
+        admitted,
+    })
 }
 
 /// A deadline that never comes, for a timeout too long to add to now.

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use crate::delivery::{StreamKey, StreamRecord, StreamUpdate};
 use crate::error::Error;
 use crate::reading::{NAME_KEYS, Reading, Sensor, SensorId};
 
@@ -74,8 +75,14 @@ pub trait Store: Send {
     /// went unanswered), writes nothing and returns no refusals. Callers
     /// hand readings over in index order (`sort_for_index`): in any other
     /// order they are stored all the same, but SQLite takes about a third
-    /// longer.
-    fn write_batch(&mut self, id: BatchId, readings: &[Reading]) -> Result<Vec<Refusal>, Error>;
+    /// longer. `streams` is the delivery state of the sequenced readings'
+    /// streams after them (`delivery`), committed with them.
+    fn write_batch(
+        &mut self,
+        id: BatchId,
+        readings: &[Reading],
+        streams: &[StreamUpdate],
+    ) -> Result<Vec<Refusal>, Error>;
 
     /// Commits the batches of a spill file in one transaction, recording
     /// `key` with them; a batch whose id already committed is skipped, and
@@ -84,11 +91,17 @@ pub trait Store: Send {
     /// across a crash before the file's removal); else the refused
     /// readings, as for `write_batch`, with how many were stored and
     /// skipped.
+    /// `streams` is committed with them, as for `write_batch`.
     fn import_spill(
         &mut self,
         key: &str,
         batches: &[SpillBatch],
+        streams: &[StreamUpdate],
     ) -> Result<Option<Imported>, Error>;
+
+    /// The committed delivery state of one sensor's boot, if it sent
+    /// sequenced readings in it (table `sensord_sequences`).
+    fn load_stream(&mut self, key: &StreamKey) -> Result<Option<StreamRecord>, Error>;
 
     /// A handle that makes the current or next operation fail promptly.
     fn interrupter(&self) -> Interrupter;
@@ -183,6 +196,118 @@ pub struct SensorSummary {
     /// What the sensor measures: `temperature` and `humidity` if any of
     /// its readings has one, then its numeric extra fields, by name.
     pub measurements: Vec<String>,
+    /// Loss accounting over all its boots, if it sends sequence numbers.
+    pub delivery: Option<DeliverySummary>,
+}
+
+/// A sensor's delivery counters, summed over its boots (`delivery`): what
+/// RTCP receiver reports call cumulative loss, and more. Over the whole
+/// history, whatever the filter.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeliverySummary {
+    /// Readings its sequence numbers say it sent: per boot, lowest to
+    /// highest received.
+    pub expected: u64,
+    /// Distinct readings received.
+    pub received: u64,
+    /// Readings received again and not stored.
+    pub duplicates: u64,
+    /// Readings that arrived below the highest seen.
+    pub reordered: u64,
+    /// Readings too old for the duplicate window, not stored.
+    pub late: u64,
+    /// Boots seen.
+    pub boots: u64,
+    /// When sensord first and last heard from it, unix seconds.
+    pub first_seen: f64,
+    pub last_seen: f64,
+}
+
+impl DeliverySummary {
+    /// Expected and never received: gaps no retransmission filled.
+    pub fn lost(&self) -> u64 {
+        self.expected.saturating_sub(self.received)
+    }
+
+    /// `lost` over `expected`.
+    pub fn loss_ratio(&self) -> f64 {
+        self.lost() as f64 / self.expected.max(1) as f64
+    }
+}
+
+/// The per-sensor sums of the rows of `sensord_sequences` that
+/// `condition` selects, in the column order `delivery_from_row` reads, for
+/// `attach_delivery`.
+fn delivery_sql(condition: &str) -> String {
+    format!(
+        "SELECT sensor_id, CAST(SUM(highest - base + 1) AS BIGINT), CAST(SUM(received) AS BIGINT),
+            CAST(SUM(duplicates) AS BIGINT), CAST(SUM(reordered) AS BIGINT),
+            CAST(SUM(late) AS BIGINT), COUNT(*), MIN(first_seen), MAX(last_seen)
+         FROM sensord_sequences WHERE {condition} GROUP BY sensor_id"
+    )
+}
+
+/// Reads one row of `DELIVERY_SQL` through a driver's getters.
+fn delivery_from_row<E>(
+    int: impl Fn(usize) -> Result<i64, E>,
+    real: impl Fn(usize) -> Result<f64, E>,
+) -> Result<(i64, DeliverySummary), E> {
+    Ok((
+        int(0)?,
+        DeliverySummary {
+            expected: int(1)? as u64,
+            received: int(2)? as u64,
+            duplicates: int(3)? as u64,
+            reordered: int(4)? as u64,
+            late: int(5)? as u64,
+            boots: int(6)? as u64,
+            first_seen: real(7)?,
+            last_seen: real(8)?,
+        },
+    ))
+}
+
+/// Gives each sensor of `per_sensor` (whose keys are `keys`) its row of
+/// `DELIVERY_SQL`, if it has one.
+fn attach_delivery(
+    per_sensor: &mut [SensorSummary],
+    keys: &[i64],
+    rows: Vec<(i64, DeliverySummary)>,
+) {
+    let mut rows: HashMap<i64, DeliverySummary> = rows.into_iter().collect();
+    for (sensor, key) in per_sensor.iter_mut().zip(keys) {
+        sensor.delivery = rows.remove(key);
+    }
+}
+
+/// The columns of `sensord_sequences` a store writes and reads, in order.
+const SEQUENCE_COLUMNS: &str = "sensor_id, boot, base, highest, received, duplicates, \
+     reordered, late, first_seen, last_seen, missing";
+
+/// A row of `SEQUENCE_COLUMNS` after the key, read through a driver's
+/// getters (from column 0); the inner error says what is corrupt.
+fn stream_from_row<E>(
+    int: impl Fn(usize) -> Result<i64, E>,
+    real: impl Fn(usize) -> Result<f64, E>,
+    text: impl Fn(usize) -> Result<String, E>,
+) -> Result<Result<StreamRecord, String>, E> {
+    let missing = text(8)?;
+    let Some(missing) = StreamRecord::parse_missing(&missing) else {
+        return Ok(Err(format!(
+            "sensord_sequences.missing is not a list of ranges: {missing}"
+        )));
+    };
+    Ok(Ok(StreamRecord {
+        base: int(0)? as u64,
+        highest: int(1)? as u64,
+        received: int(2)? as u64,
+        duplicates: int(3)? as u64,
+        reordered: int(4)? as u64,
+        late: int(5)? as u64,
+        first_seen: real(6)?,
+        last_seen: real(7)?,
+        missing,
+    }))
 }
 
 impl SensorSummary {
@@ -215,6 +340,7 @@ impl SensorSummary {
             humidity: stats(5)?,
             last_seen: real(8)?,
             measurements,
+            delivery: None,
         })
     }
 }
@@ -277,11 +403,16 @@ pub(crate) struct NameKeys {
 }
 
 impl NameKeys {
-    /// The names among `readings` without a known key, each once.
-    fn unknown<'a>(&self, readings: &'a [Reading]) -> Vec<&'a str> {
+    /// The names among `readings` and `streams` without a known key, each
+    /// once.
+    fn unknown<'a>(&self, readings: &'a [Reading], streams: &'a [StreamUpdate]) -> Vec<&'a str> {
         let mut unknown: Vec<&str> = Vec::new();
-        for r in readings {
-            if let Sensor::Name(name) = r.sensor()
+        let sensors = readings
+            .iter()
+            .map(Reading::sensor)
+            .chain(streams.iter().map(|s| s.key.sensor.as_sensor()));
+        for sensor in sensors {
+            if let Sensor::Name(name) = sensor
                 && !self.keys.contains_key(name)
                 && !unknown.contains(&name)
             {

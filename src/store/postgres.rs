@@ -50,11 +50,13 @@ use postgres::{CancelToken, Client, Config, NoTls, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    BatchId, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal, SensorSummary,
-    SpillBatch, Store, Summary, add_extra_measurements, per_sensor_sql,
+    BatchId, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal,
+    SEQUENCE_COLUMNS, SensorSummary, SpillBatch, Store, Summary, add_extra_measurements,
+    attach_delivery, delivery_from_row, delivery_sql, per_sensor_sql, stream_from_row,
 };
 use crate::error::{Error, io_cause};
-use crate::reading::{NAME_KEYS, Reading};
+use crate::delivery::{StreamKey, StreamRecord, StreamUpdate};
+use crate::reading::{NAME_KEYS, Reading, SensorId};
 use crate::shutdown::Shutdown;
 
 /// Batch ids of this run kept in `sensord_batches` besides the newest: only
@@ -81,13 +83,15 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// The columns of a measurements row, in `COPY` order, with their types as
 /// `COPY` sends them and as `format_type` names them.
-const COLUMNS: [(&str, Type, &str); 6] = [
+const COLUMNS: [(&str, Type, &str); 8] = [
     ("sensor_id", Type::INT8, "bigint"),
     ("temperature", Type::FLOAT8, "double precision"),
     ("humidity", Type::FLOAT8, "double precision"),
     ("ingested_at", Type::TIMESTAMPTZ, "timestamp with time zone"),
     ("received_at", Type::TIMESTAMPTZ, "timestamp with time zone"),
     ("extra", Type::JSONB, "jsonb"),
+    ("seq", Type::INT8, "bigint"),
+    ("boot", Type::INT8, "bigint"),
 ];
 
 /// A table in a PostgreSQL database.
@@ -434,9 +438,14 @@ impl PostgresStore {
             tx.batch_execute(&format!(
                 "ALTER TABLE {table} ALTER COLUMN temperature DROP NOT NULL,
                                      ALTER COLUMN humidity DROP NOT NULL,
-                                     ADD COLUMN IF NOT EXISTS extra jsonb;"
+                                     ADD COLUMN IF NOT EXISTS extra jsonb,
+                                     ADD COLUMN IF NOT EXISTS seq bigint,
+                                     ADD COLUMN IF NOT EXISTS boot bigint;"
             ))?;
-            info!("upgraded table {name} in {url}: measurements optional, extra column added");
+            info!(
+                "upgraded table {name} in {url}: measurements optional, extra, seq and boot \
+                 columns added"
+            );
         }
         let (first_key, last_key) = (NAME_KEYS.start, NAME_KEYS.end - 1);
         tx.batch_execute(&format!(
@@ -446,7 +455,9 @@ impl PostgresStore {
                  humidity    double precision,
                  ingested_at timestamptz      NOT NULL,
                  received_at timestamptz      NOT NULL,
-                 extra       jsonb
+                 extra       jsonb,
+                 seq         bigint,
+                 boot        bigint
              );
              CREATE SEQUENCE IF NOT EXISTS sensor_names_key AS bigint
                  MINVALUE {first_key} MAXVALUE {last_key} START {first_key};
@@ -460,6 +471,21 @@ impl PostgresStore {
                  seq          bigint      NOT NULL,
                  committed_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (run, seq)
+             );
+             CREATE TABLE IF NOT EXISTS sensord_sequences (
+                 table_name text             NOT NULL,
+                 sensor_id  bigint           NOT NULL,
+                 boot       bigint           NOT NULL,
+                 base       bigint           NOT NULL,
+                 highest    bigint           NOT NULL,
+                 received   bigint           NOT NULL,
+                 duplicates bigint           NOT NULL,
+                 reordered  bigint           NOT NULL,
+                 late       bigint           NOT NULL,
+                 first_seen double precision NOT NULL,
+                 last_seen  double precision NOT NULL,
+                 missing    text             NOT NULL,
+                 PRIMARY KEY (table_name, sensor_id, boot)
              );
              CREATE TABLE IF NOT EXISTS sensord_spill_imports (
                  table_name  text        NOT NULL,
@@ -485,7 +511,9 @@ impl PostgresStore {
         &mut self,
         id: BatchId,
         readings: &[Reading],
+        streams: &[StreamUpdate],
     ) -> Result<Option<Vec<Refusal>>, Failure> {
+        let table = self.table.clone();
         // Stored as bigint: the bits matter, not the sign.
         let (run, seq) = (id.run as i64, id.seq as i64);
         let copy = copy_statement(&self.table);
@@ -508,6 +536,7 @@ impl PostgresStore {
                 copy_in(&mut tx, &copy, names, readings)?;
                 Vec::new()
             };
+            save_streams(&mut tx, names, &table, streams)?;
             tx.execute(
                 "DELETE FROM sensord_batches WHERE run = $1 AND seq < $2",
                 &[&run, &(seq - KEPT_BATCH_IDS)],
@@ -532,6 +561,7 @@ impl PostgresStore {
         &mut self,
         key: &str,
         batches: &[SpillBatch],
+        streams: &[StreamUpdate],
     ) -> Result<Option<Imported>, Failure> {
         let copy = copy_statement(&self.table);
         let table = self.table.clone();
@@ -576,6 +606,7 @@ impl PostgresStore {
                 copy_in(&mut tx, &copy, names, &readings)?;
                 Vec::new()
             };
+            save_streams(&mut tx, names, &table, streams)?;
             tx.commit()?;
             Ok::<_, postgres::Error>(Some(Imported {
                 stored: (readings.len() - refused.len()) as u64,
@@ -669,6 +700,17 @@ impl PostgresStore {
             Vec::new()
         };
         add_extra_measurements(&mut per_sensor, &keys, extra_fields);
+        let has_sequences: bool = client
+            .query_one("SELECT to_regclass('sensord_sequences') IS NOT NULL", &[])?
+            .try_get(0)?;
+        if has_sequences {
+            let rows = client
+                .query(&delivery_sql("table_name = $1"), &[&self.table])?
+                .iter()
+                .map(|row| delivery_from_row(|i| row.try_get(i), |i| row.try_get(i)))
+                .collect::<Result<Vec<_>, postgres::Error>>()?;
+            attach_delivery(&mut per_sensor, &keys, rows);
+        }
         let first: Option<f64> = totals.try_get(1)?;
         let last: Option<f64> = totals.try_get(2)?;
         Ok(Summary {
@@ -741,7 +783,7 @@ fn check_columns(
     let mut columns = Columns::Current;
     for (name, _, expected) in COLUMNS {
         match rows.iter().find(|row| row.get::<_, String>(0) == name) {
-            None if name == "extra" => columns = Columns::Older,
+            None if matches!(name, "extra" | "seq" | "boot") => columns = Columns::Older,
             None => return mismatch(format!("column {name} is missing, expected {expected}")),
             Some(row) => {
                 let actual: String = row.get(1);
@@ -775,7 +817,17 @@ fn resolve_names(
     names: &mut NameKeys,
     readings: &[Reading],
 ) -> Result<(), postgres::Error> {
-    for name in names.unknown(readings) {
+    resolve_sensor_names(tx, names, readings, &[])
+}
+
+/// `resolve_names` for the sensors of `readings` and of `streams`.
+fn resolve_sensor_names(
+    tx: &mut Transaction<'_>,
+    names: &mut NameKeys,
+    readings: &[Reading],
+    streams: &[StreamUpdate],
+) -> Result<(), postgres::Error> {
+    for name in names.unknown(readings, streams) {
         let find = "SELECT key FROM sensor_names WHERE name = $1";
         let key = match tx.query_opt(find, &[&name])? {
             Some(row) => row.try_get(0)?,
@@ -789,6 +841,49 @@ fn resolve_names(
             },
         };
         names.learn(name, key);
+    }
+    Ok(())
+}
+
+/// Writes the delivery state of `streams` in `tx` (`Store::write_batch`).
+fn save_streams(
+    tx: &mut Transaction<'_>,
+    names: &mut NameKeys,
+    table: &str,
+    streams: &[StreamUpdate],
+) -> Result<(), postgres::Error> {
+    if streams.is_empty() {
+        return Ok(());
+    }
+    resolve_sensor_names(tx, names, &[], streams)?;
+    let upsert = tx.prepare(&format!(
+        "INSERT INTO sensord_sequences (table_name, {SEQUENCE_COLUMNS})
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+         ON CONFLICT (table_name, sensor_id, boot) DO UPDATE SET
+             base = EXCLUDED.base, highest = EXCLUDED.highest,
+             received = EXCLUDED.received, duplicates = EXCLUDED.duplicates,
+             reordered = EXCLUDED.reordered, late = EXCLUDED.late,
+             first_seen = EXCLUDED.first_seen, last_seen = EXCLUDED.last_seen,
+             missing = EXCLUDED.missing"
+    ))?;
+    for StreamUpdate { key, record: r } in streams {
+        tx.execute(
+            &upsert,
+            &[
+                &table,
+                &names.key(key.sensor.as_sensor()),
+                &(key.boot as i64),
+                &(r.base as i64),
+                &(r.highest as i64),
+                &(r.received as i64),
+                &(r.duplicates as i64),
+                &(r.reordered as i64),
+                &(r.late as i64),
+                &r.first_seen,
+                &r.last_seen,
+                &r.missing_text(),
+            ],
+        )?;
     }
     Ok(())
 }
@@ -833,7 +928,7 @@ impl ToSql for Jsonb<'_> {
 /// The `COPY` statement that loads readings into `table`.
 fn copy_statement(table: &str) -> String {
     format!(
-        "COPY {} (sensor_id, temperature, humidity, ingested_at, received_at, extra) \
+        "COPY {} (sensor_id, temperature, humidity, ingested_at, received_at, extra, seq, boot) \
          FROM STDIN (FORMAT binary)",
         quoted(table)
     )
@@ -850,6 +945,7 @@ fn copy_in(
     let types = COLUMNS.map(|(_, column_type, _)| column_type);
     let mut writer = BinaryCopyInWriter::new(tx.copy_in(copy)?, &types);
     for r in readings {
+        let sequence = r.sequence();
         writer.write(&[
             &names.key(r.sensor()),
             &r.temperature(),
@@ -857,6 +953,9 @@ fn copy_in(
             &timestamp(r.ingested_at),
             &timestamp(r.received_at),
             &r.extra().map(|e| Jsonb(e.as_str())),
+            // Both at most `MAX_SEQ`: they fit an i64.
+            &sequence.map(|s| s.seq as i64),
+            &sequence.map(|s| s.boot as i64),
         ])?;
     }
     writer.finish()?;
@@ -1131,7 +1230,12 @@ impl rustls::client::danger::ServerCertVerifier for NoCertificateCheck {
 }
 
 impl Store for PostgresStore {
-    fn write_batch(&mut self, id: BatchId, readings: &[Reading]) -> Result<Vec<Refusal>, Error> {
+    fn write_batch(
+        &mut self,
+        id: BatchId,
+        readings: &[Reading],
+        streams: &[StreamUpdate],
+    ) -> Result<Vec<Refusal>, Error> {
         #[cfg(feature = "failpoints")]
         fail::fail_point!("store::write_batch", |message| Err(Error::database(
             format!("cannot write batch to {}", self.url),
@@ -1142,13 +1246,13 @@ impl Store for PostgresStore {
         // one more attempt on a fresh connection is safe (the batch id
         // guards against writing twice) and spares a backoff.
         let reused = self.client.is_some();
-        let mut result = self.try_write(id, readings);
+        let mut result = self.try_write(id, readings, streams);
         if let Err(Failure::Sql(e)) = &result
             && reused
             && e.as_db_error().is_none_or(|db| db.severity() == "FATAL")
         {
             self.disconnect();
-            result = self.try_write(id, readings);
+            result = self.try_write(id, readings, streams);
         }
         match result {
             Ok(Some(refused)) => Ok(refused),
@@ -1178,9 +1282,10 @@ impl Store for PostgresStore {
         &mut self,
         key: &str,
         batches: &[SpillBatch],
+        streams: &[StreamUpdate],
     ) -> Result<Option<Imported>, Error> {
         self.interrupted.store(false, Ordering::SeqCst);
-        self.try_import(key, batches).map_err(|e| {
+        self.try_import(key, batches, streams).map_err(|e| {
             self.disconnect();
             Error::database(
                 format!(
@@ -1277,6 +1382,43 @@ impl Store for PostgresStore {
         result.map_err(|e| {
             self.disconnect();
             Error::database(what, cause(&e))
+        })
+    }
+
+    fn load_stream(&mut self, key: &StreamKey) -> Result<Option<StreamRecord>, Error> {
+        let what = format!("cannot read table sensord_sequences in {}", self.url);
+        self.interrupted.store(false, Ordering::SeqCst);
+        let table = self.table.clone();
+        let result = (|| {
+            let client = self.client()?;
+            let sensor: Option<i64> = match &key.sensor {
+                SensorId::Int(id) => Some(*id),
+                SensorId::Name(name) => client
+                    .query_opt("SELECT key FROM sensor_names WHERE name = $1", &[&&**name])?
+                    .map(|row| row.try_get(0))
+                    .transpose()?,
+            };
+            let Some(sensor) = sensor else {
+                return Ok(None);
+            };
+            let row = client.query_opt(
+                &format!(
+                    "SELECT {} FROM sensord_sequences
+                     WHERE table_name = $1 AND sensor_id = $2 AND boot = $3",
+                    &SEQUENCE_COLUMNS["sensor_id, boot, ".len()..]
+                ),
+                &[&table, &sensor, &(key.boot as i64)],
+            )?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            stream_from_row(|i| row.try_get(i), |i| row.try_get(i), |i| row.try_get(i))?
+                .map(Some)
+                .map_err(Failure::Schema)
+        })();
+        result.map_err(|e: Failure| {
+            self.disconnect();
+            Error::database(what, e.cause())
         })
     }
 

@@ -25,19 +25,22 @@ use rusqlite::{
 };
 
 use super::{
-    BatchId, DEFAULT_TABLE, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal,
-    SensorSummary, SpillBatch, Store, Summary, add_extra_measurements, check_name_key,
-    per_sensor_sql,
+    BatchId, DEFAULT_TABLE, Expired, Filter, Imported, Interrupter, NameKeys,
+    Options, Refusal, SEQUENCE_COLUMNS, SensorSummary, SpillBatch, Store, Summary,
+    add_extra_measurements, attach_delivery, check_name_key, delivery_from_row, delivery_sql, per_sensor_sql,
+    stream_from_row,
 };
 use crate::error::Error;
-use crate::reading::{NAME_KEYS, Reading, unix_now};
+use crate::delivery::{StreamKey, StreamRecord, StreamUpdate};
+use crate::reading::{NAME_KEYS, Reading, SensorId, unix_now};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// 1: measurements and spill imports; 2: `sensord_batches` added;
-/// 3: measurements optional, `extra` column, `sensor_names`.
-const SCHEMA_VERSION: i64 = 3;
+/// 3: measurements optional, `extra` column, `sensor_names`;
+/// 4: `seq` and `boot` columns, `sensord_sequences`.
+const SCHEMA_VERSION: i64 = 4;
 
-/// The measurements table as version 3 makes it, for `SCHEMA` and for
+/// The measurements table as version 4 makes it, for `SCHEMA` and for
 /// the rebuild of an older one (`upgrade_measurements`).
 const MEASUREMENTS: &str = "
         sensor_id   INTEGER NOT NULL,
@@ -45,7 +48,9 @@ const MEASUREMENTS: &str = "
         humidity    REAL,
         ingested_at REAL    NOT NULL,
         received_at REAL    NOT NULL,
-        extra       TEXT";
+        extra       TEXT,
+        seq         INTEGER,
+        boot        INTEGER";
 
 /// Every statement is idempotent, so upgrading a file of any older version
 /// (or of version 0 whose tables exist) is running it again, after
@@ -77,6 +82,20 @@ static SCHEMA: LazyLock<String> = LazyLock::new(|| {
         committed_at REAL    NOT NULL,
         PRIMARY KEY (run, seq)
     ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS sensord_sequences (
+        sensor_id  INTEGER NOT NULL,
+        boot       INTEGER NOT NULL,
+        base       INTEGER NOT NULL,
+        highest    INTEGER NOT NULL,
+        received   INTEGER NOT NULL,
+        duplicates INTEGER NOT NULL,
+        reordered  INTEGER NOT NULL,
+        late       INTEGER NOT NULL,
+        first_seen REAL    NOT NULL,
+        last_seen  REAL    NOT NULL,
+        missing    TEXT    NOT NULL,
+        PRIMARY KEY (sensor_id, boot)
+    ) WITHOUT ROWID;
 "
     )
 });
@@ -84,17 +103,20 @@ static SCHEMA: LazyLock<String> = LazyLock::new(|| {
 /// The columns sensord writes, and the type affinity each needs: SQLite
 /// converts a value to its column's affinity, so a REAL value in a column
 /// of another affinity could come back as text or an integer.
-const COLUMNS: [(&str, &str); 6] = [
+const COLUMNS: [(&str, &str); 8] = [
     ("sensor_id", "INTEGER"),
     ("temperature", "REAL"),
     ("humidity", "REAL"),
     ("ingested_at", "REAL"),
     ("received_at", "REAL"),
     ("extra", "TEXT"),
+    ("seq", "INTEGER"),
+    ("boot", "INTEGER"),
 ];
 
-/// Columns an older table may lack: the upgrade adds them.
-const ADDED_IN_3: [&str; 1] = ["extra"];
+/// Columns an older table may lack, and their declarations: the upgrade
+/// adds them.
+const ADDED_LATER: [(&str, &str); 3] = [("extra", "TEXT"), ("seq", "INTEGER"), ("boot", "INTEGER")];
 
 /// Batch ids of this run kept in `sensord_batches` besides the newest, as in
 /// PostgreSQL: only the newest can be in doubt.
@@ -112,17 +134,18 @@ const ROWS_PER_INSERT: usize = 64;
 static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
 static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
 
-/// `INSERT ... VALUES (?, ?, ?, ?, ?, ?), ...` with `rows` rows. OR FAIL, as
+/// `INSERT ... VALUES (?, ?, ?, ?, ?, ?, ?, ?), ...` with `rows` rows. OR FAIL, as
 /// no constraint can fail on validated readings in sensord's own table,
 /// spares SQLite the statement journal it keeps to undo half a multi-row
 /// statement. A failure leaves the statement's earlier rows in place, so
 /// the fast path drops the whole transaction on any error, and bisection
 /// runs each slice under a savepoint whose rollback undoes them.
 fn insert_sql(rows: usize) -> String {
-    let values = vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", ");
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
     format!(
         "INSERT OR FAIL INTO sensor_measurements \
-         (sensor_id, temperature, humidity, ingested_at, received_at, extra) VALUES {values}"
+         (sensor_id, temperature, humidity, ingested_at, received_at, extra, seq, boot) \
+         VALUES {values}"
     )
 }
 
@@ -447,6 +470,7 @@ impl SqliteStore {
         &self,
         spill_key: Option<&str>,
         parts: &[Part<'_>],
+        streams: &[StreamUpdate],
         insert: Insert,
     ) -> rusqlite::Result<Option<Imported>> {
         let mut tx = self.begin()?;
@@ -485,7 +509,7 @@ impl SqliteStore {
                     continue;
                 }
             }
-            self.resolve_names(&tx, part.readings)?;
+            self.resolve_names(&tx, part.readings, &[])?;
             let names = &self.names.borrow();
             match insert {
                 Insert::Fast => insert_all(&tx, part.readings, names, &self.interrupted)?,
@@ -502,6 +526,29 @@ impl SqliteStore {
                 }
             }
             count += part.readings.len();
+        }
+        if !streams.is_empty() {
+            self.resolve_names(&tx, &[], streams)?;
+            let names = &self.names.borrow();
+            let mut upsert = tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO sensord_sequences ({SEQUENCE_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ))?;
+            for StreamUpdate { key, record: r } in streams {
+                upsert.execute(params![
+                    names.key(key.sensor.as_sensor()),
+                    key.boot as i64,
+                    r.base as i64,
+                    r.highest as i64,
+                    r.received as i64,
+                    r.duplicates as i64,
+                    r.reordered as i64,
+                    r.late as i64,
+                    r.first_seen,
+                    r.last_seen,
+                    r.missing_text(),
+                ])?;
+            }
         }
         match spill_key {
             Some(key) => {
@@ -534,9 +581,14 @@ impl SqliteStore {
     /// Gives each sensor name among `readings` without a known key its
     /// key, adding it to `sensor_names` in `tx` if new there: a batch that
     /// rolls back takes its new names with it.
-    fn resolve_names(&self, tx: &Connection, readings: &[Reading]) -> rusqlite::Result<()> {
+    fn resolve_names(
+        &self,
+        tx: &Connection,
+        readings: &[Reading],
+        streams: &[StreamUpdate],
+    ) -> rusqlite::Result<()> {
         let mut names = self.names.borrow_mut();
-        for name in names.unknown(readings) {
+        for name in names.unknown(readings, streams) {
             let found: Option<i64> = tx
                 .prepare_cached("SELECT key FROM sensor_names WHERE name = ?1")?
                 .query_row([name], |row| row.get(0))
@@ -569,9 +621,10 @@ impl SqliteStore {
         &self,
         spill_key: Option<&str>,
         parts: &[Part<'_>],
+        streams: &[StreamUpdate],
         insert: Insert,
     ) -> rusqlite::Result<Option<Imported>> {
-        let result = self.commit_parts(spill_key, parts, insert);
+        let result = self.commit_parts(spill_key, parts, streams, insert);
         let mut names = self.names.borrow_mut();
         match result {
             Ok(_) => names.committed(),
@@ -587,15 +640,16 @@ impl SqliteStore {
         &mut self,
         spill_key: Option<&str>,
         parts: &[Part<'_>],
+        streams: &[StreamUpdate],
         what: &str,
     ) -> Result<Option<Imported>, Error> {
         let sql_error = |e: rusqlite::Error| Error::database(what, cause(&e));
         loop {
             self.follow_path()?;
-            let result = match self.commit_or_forget(spill_key, parts, Insert::Fast) {
+            let result = match self.commit_or_forget(spill_key, parts, streams, Insert::Fast) {
                 Err(e) if is_permanent(&e) => {
                     debug!("{what}: {}; isolating the refused readings", cause(&e));
-                    self.commit_or_forget(spill_key, parts, Insert::Isolating)
+                    self.commit_or_forget(spill_key, parts, streams, Insert::Isolating)
                 }
                 result => result,
             };
@@ -782,13 +836,17 @@ fn bind_rows(
     names: &NameKeys,
 ) -> rusqlite::Result<()> {
     for (i, r) in rows.iter().enumerate() {
-        let at = 6 * i;
+        let at = 8 * i;
+        let sequence = r.sequence();
         insert.raw_bind_parameter(at + 1, names.key(r.sensor()))?;
         insert.raw_bind_parameter(at + 2, r.temperature())?;
         insert.raw_bind_parameter(at + 3, r.humidity())?;
         insert.raw_bind_parameter(at + 4, r.ingested_at)?;
         insert.raw_bind_parameter(at + 5, r.received_at)?;
         insert.raw_bind_parameter(at + 6, r.extra().map(|e| e.as_str()))?;
+        // Both at most `MAX_SEQ`: they fit an i64.
+        insert.raw_bind_parameter(at + 7, sequence.map(|s| s.seq as i64))?;
+        insert.raw_bind_parameter(at + 8, sequence.map(|s| s.boot as i64))?;
     }
     Ok(())
 }
@@ -909,15 +967,17 @@ fn upgrade_measurements(tx: &Connection) -> Result<(), Upgrade> {
         .collect::<String>()
         .to_ascii_uppercase();
     if !squeezed.starts_with(MADE_BY_VERSION_2) {
-        let has_extra: bool = tx.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = 'extra' COLLATE NOCASE",
-            [DEFAULT_TABLE],
-            |row| row.get(0),
-        )?;
-        if !has_extra {
-            tx.execute_batch(&format!(
-                "ALTER TABLE {DEFAULT_TABLE} ADD COLUMN extra TEXT"
-            ))?;
+        for (column, declared) in ADDED_LATER {
+            let has: bool = tx.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2 COLLATE NOCASE",
+                [DEFAULT_TABLE, column],
+                |row| row.get(0),
+            )?;
+            if !has {
+                tx.execute_batch(&format!(
+                    "ALTER TABLE {DEFAULT_TABLE} ADD COLUMN {column} {declared}"
+                ))?;
+            }
         }
         return Ok(());
     }
@@ -1000,7 +1060,7 @@ fn table_mismatch(conn: &Connection) -> rusqlite::Result<Option<String>> {
     for (name, expected) in COLUMNS {
         let Some((_, declared, ..)) = columns.iter().find(|c| c.0.eq_ignore_ascii_case(name))
         else {
-            if ADDED_IN_3.contains(&name) {
+            if ADDED_LATER.iter().any(|(added, _)| *added == name) {
                 continue;
             }
             return Ok(Some(format!("no column {name}")));
@@ -1063,7 +1123,12 @@ fn numeric(column: &str) -> String {
 }
 
 impl Store for SqliteStore {
-    fn write_batch(&mut self, id: BatchId, readings: &[Reading]) -> Result<Vec<Refusal>, Error> {
+    fn write_batch(
+        &mut self,
+        id: BatchId,
+        readings: &[Reading],
+        streams: &[StreamUpdate],
+    ) -> Result<Vec<Refusal>, Error> {
         #[cfg(feature = "failpoints")]
         fail::fail_point!("store::write_batch", |message| Err(Error::database(
             format!("cannot write batch to {}", self.path),
@@ -1074,7 +1139,7 @@ impl Store for SqliteStore {
             id: Some(id),
             readings,
         };
-        let outcome = self.write_parts(None, &[part], &what)?;
+        let outcome = self.write_parts(None, &[part], streams, &what)?;
         Ok(outcome.map(|imported| imported.refused).unwrap_or_default())
     }
 
@@ -1082,6 +1147,7 @@ impl Store for SqliteStore {
         &mut self,
         key: &str,
         batches: &[SpillBatch],
+        streams: &[StreamUpdate],
     ) -> Result<Option<Imported>, Error> {
         let what = format!("cannot import spill file into {}", self.path);
         let parts: Vec<Part<'_>> = batches
@@ -1091,7 +1157,39 @@ impl Store for SqliteStore {
                 readings: &b.readings,
             })
             .collect();
-        self.write_parts(Some(key), &parts, &what)
+        self.write_parts(Some(key), &parts, streams, &what)
+    }
+
+    fn load_stream(&mut self, key: &StreamKey) -> Result<Option<StreamRecord>, Error> {
+        self.follow_path()?;
+        let sql_error =
+            |e: rusqlite::Error| Error::database(format!("cannot read {}", self.path), cause(&e));
+        let sensor = match &key.sensor {
+            SensorId::Int(id) => Some(*id),
+            SensorId::Name(name) => self
+                .conn
+                .prepare_cached("SELECT key FROM sensor_names WHERE name = ?1")
+                .and_then(|mut s| s.query_row([&**name], |row| row.get(0)).optional())
+                .map_err(sql_error)?,
+        };
+        let Some(sensor) = sensor else {
+            return Ok(None);
+        };
+        let row = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM sensord_sequences WHERE sensor_id = ?1 AND boot = ?2",
+                &SEQUENCE_COLUMNS["sensor_id, boot, ".len()..]
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![sensor, key.boot as i64], |row| {
+                    stream_from_row(|i| row.get(i), |i| row.get(i), |i| row.get(i))
+                })
+                .optional()
+            })
+            .map_err(sql_error)?;
+        row.transpose()
+            .map_err(|corrupt| Error::database(format!("cannot read {}", self.path), corrupt))
     }
 
     fn interrupter(&self) -> Interrupter {
@@ -1188,6 +1286,26 @@ impl Store for SqliteStore {
             Vec::new()
         };
         add_extra_measurements(&mut per_sensor, &keys, extra_fields);
+        let has_sequences: bool = self
+            .conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' \
+                 AND name = 'sensord_sequences')",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(sql_error)?;
+        if has_sequences {
+            let rows = self
+                .conn
+                .prepare(&delivery_sql("TRUE"))
+                .map_err(sql_error)?
+                .query_map([], |row| delivery_from_row(|i| row.get(i), |i| row.get(i)))
+                .map_err(sql_error)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_error)?;
+            attach_delivery(&mut per_sensor, &keys, rows);
+        }
         Ok(Summary {
             readings: readings as u64,
             span: first.zip(last),
@@ -1303,6 +1421,7 @@ mod tests {
                         seq: seq as u64,
                     },
                     &batch,
+                    &[],
                 )
                 .unwrap();
         }

@@ -1229,7 +1229,7 @@ fn pg_stats_survive_float8_overflow() {
     let mut store = sensord::store::open(&url, &store_options()).unwrap();
     let readings = [reading(1, f64::MAX), reading(8, f64::MAX)];
     let id = sensord::store::BatchId { run: 1, seq: 1 };
-    assert!(store.write_batch(id, &readings).unwrap().is_empty());
+    assert!(store.write_batch(id, &readings, &[]).unwrap().is_empty());
     let out = run(&["stats", "--db", &url, "--json"], scratch.path());
     assert!(out.status.success(), "{out:?}");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1259,7 +1259,7 @@ fn pg_poisoned_readings_are_refused_and_the_rest_commit() {
         .map(|i| reading(i, if poisoned.contains(&i) { 5000.0 } else { 20.0 }))
         .collect();
     let id = sensord::store::BatchId { run: 7, seq: 1 };
-    let refused = store.write_batch(id, &readings).unwrap();
+    let refused = store.write_batch(id, &readings, &[]).unwrap();
     let refused_readings: Vec<_> = refused.iter().map(|r| r.reading.clone()).collect();
     let expected: Vec<_> = poisoned.iter().map(|&i| readings[i].clone()).collect();
     assert_eq!(refused_readings, expected);
@@ -1271,7 +1271,7 @@ fn pg_poisoned_readings_are_refused_and_the_rest_commit() {
         );
     }
     assert_eq!(rows_and_distinct(&url), (997, 997));
-    assert!(store.write_batch(id, &readings).unwrap().is_empty());
+    assert!(store.write_batch(id, &readings, &[]).unwrap().is_empty());
     assert_eq!(rows_and_distinct(&url), (997, 997));
 }
 
@@ -1298,7 +1298,7 @@ fn pg_spill_import_skips_committed_batches_and_refuses_poison() {
     );
     assert!(
         store
-            .write_batch(committed, &readings[..100])
+            .write_batch(committed, &readings[..100], &[])
             .unwrap()
             .is_empty()
     );
@@ -1316,14 +1316,14 @@ fn pg_spill_import_skips_committed_batches_and_refuses_poison() {
             readings: readings[200..].to_vec(),
         },
     ];
-    let imported = store.import_spill("key-1", &batches).unwrap().unwrap();
+    let imported = store.import_spill("key-1", &batches, &[]).unwrap().unwrap();
     assert_eq!((imported.stored, imported.skipped), (148, 100));
     let refused: Vec<_> = imported.refused.iter().map(|r| r.reading.clone()).collect();
     assert_eq!(refused, [readings[130].clone(), readings[170].clone()]);
     assert_eq!(rows_and_distinct(&url), (248, 248));
-    assert_eq!(store.import_spill("key-1", &batches).unwrap(), None);
+    assert_eq!(store.import_spill("key-1", &batches, &[]).unwrap(), None);
     assert_eq!(
-        store.import_spill("key-2", &batches[..2]).unwrap(),
+        store.import_spill("key-2", &batches[..2], &[]).unwrap(),
         Some(sensord::store::Imported {
             stored: 0,
             skipped: 200,

@@ -84,7 +84,7 @@ fn poison_readings_are_refused_and_the_rest_commit() {
     let mut store = open(&scratch.db);
     let poison = [0, 500, 999];
     let batch = readings(1000, &poison);
-    let refused = store.write_batch(id(1), &batch).unwrap();
+    let refused = store.write_batch(id(1), &batch, &[]).unwrap();
     drop(store);
     assert_eq!(row_count(&scratch.db), 997);
     let refused_readings: Vec<Reading> = refused.iter().map(|r| r.reading.clone()).collect();
@@ -110,12 +110,12 @@ fn a_committed_batch_id_is_not_written_again() {
     poisoned_table(&scratch.db);
     let mut store = open(&scratch.db);
     let batch = readings(1000, &[3, 4, 5]);
-    assert_eq!(store.write_batch(id(1), &batch).unwrap().len(), 3);
-    assert_eq!(store.write_batch(id(1), &batch).unwrap(), vec![]);
+    assert_eq!(store.write_batch(id(1), &batch, &[]).unwrap().len(), 3);
+    assert_eq!(store.write_batch(id(1), &batch, &[]).unwrap(), vec![]);
     drop(store);
     // A new store (a restart) knows the id too.
     let mut store = open(&scratch.db);
-    assert_eq!(store.write_batch(id(1), &batch).unwrap(), vec![]);
+    assert_eq!(store.write_batch(id(1), &batch, &[]).unwrap(), vec![]);
     drop(store);
     assert_eq!(row_count(&scratch.db), 997);
 }
@@ -126,7 +126,7 @@ fn old_batch_ids_of_a_run_are_pruned() {
     let scratch = Scratch::new();
     let mut store = open(&scratch.db);
     for seq in 1..=100 {
-        store.write_batch(id(seq), &readings(2, &[])).unwrap();
+        store.write_batch(id(seq), &readings(2, &[]), &[]).unwrap();
     }
     drop(store);
     assert_eq!(row_count(&scratch.db), 200);
@@ -143,7 +143,7 @@ fn old_batch_ids_of_a_run_are_pruned() {
 fn batch_ids_older_than_a_week_are_pruned_at_open() {
     let scratch = Scratch::new();
     let mut store = open(&scratch.db);
-    store.write_batch(id(1), &readings(1, &[])).unwrap();
+    store.write_batch(id(1), &readings(1, &[]), &[]).unwrap();
     drop(store);
     let conn = Connection::open(&scratch.db).unwrap();
     conn.execute_batch(
@@ -171,7 +171,7 @@ fn import_spill_skips_committed_batches_and_refuses_poison() {
     poisoned_table(&scratch.db);
     let mut store = open(&scratch.db);
     let committed = readings(100, &[]);
-    store.write_batch(id(1), &committed).unwrap();
+    store.write_batch(id(1), &committed, &[]).unwrap();
     let batches = vec![
         SpillBatch {
             id: Some(id(1)),
@@ -186,14 +186,14 @@ fn import_spill_skips_committed_batches_and_refuses_poison() {
             readings: readings(30, &[0, 29]),
         },
     ];
-    let imported = store.import_spill("spill-a", &batches).unwrap().unwrap();
+    let imported = store.import_spill("spill-a", &batches, &[]).unwrap().unwrap();
     assert_eq!((imported.stored, imported.skipped), (49 + 28, 100));
     assert_eq!(imported.refused.len(), 3);
     assert!(imported.refused.iter().all(|r| r.cause == POISON_CAUSE));
-    assert_eq!(store.import_spill("spill-a", &batches).unwrap(), None);
+    assert_eq!(store.import_spill("spill-a", &batches, &[]).unwrap(), None);
     // The imported batch's id is recorded: writing it again does nothing.
     assert_eq!(
-        store.write_batch(id(2), &readings(50, &[])).unwrap(),
+        store.write_batch(id(2), &readings(50, &[]), &[]).unwrap(),
         vec![]
     );
     drop(store);
@@ -236,9 +236,9 @@ fn older_schema_versions_are_upgraded_and_keep_their_rows() {
         .unwrap();
         drop(conn);
         let mut store = open(&scratch.db);
-        store.write_batch(id(1), &readings(10, &[])).unwrap();
+        store.write_batch(id(1), &readings(10, &[]), &[]).unwrap();
         assert_eq!(
-            store.write_batch(id(1), &readings(10, &[])).unwrap(),
+            store.write_batch(id(1), &readings(10, &[]), &[]).unwrap(),
             vec![]
         );
         drop(store);
@@ -540,7 +540,7 @@ fn a_trigger_refusal_is_isolated_too() {
     .unwrap();
     drop(conn);
     let mut store = open(&scratch.db);
-    let refused = store.write_batch(id(1), &readings(200, &[7, 150])).unwrap();
+    let refused = store.write_batch(id(1), &readings(200, &[7, 150]), &[]).unwrap();
     drop(store);
     let causes: Vec<&str> = refused.iter().map(|r| r.cause.as_str()).collect();
     assert_eq!(causes, ["too hot", "too hot"]);
@@ -563,7 +563,7 @@ fn a_trigger_rolling_back_everything_is_an_error() {
     drop(conn);
     let mut store = open(&scratch.db);
     let error = store
-        .write_batch(id(1), &readings(200, &[7]))
+        .write_batch(id(1), &readings(200, &[7]), &[])
         .unwrap_err()
         .to_string();
     assert!(error.contains("too hot"), "{error}");
@@ -579,14 +579,14 @@ fn a_trigger_rolling_back_everything_is_an_error() {
 fn a_replaced_file_is_written_and_reported() {
     let scratch = Scratch::new();
     let mut store = open(&scratch.db);
-    store.write_batch(id(1), &readings(100, &[])).unwrap();
+    store.write_batch(id(1), &readings(100, &[]), &[]).unwrap();
     assert!(!store.replaced());
     let other = scratch.path().join("other.db");
     let mut other_store = open(&other);
-    other_store.write_batch(id(1), &readings(5, &[])).unwrap();
+    other_store.write_batch(id(1), &readings(5, &[]), &[]).unwrap();
     drop(other_store);
     std::fs::rename(&other, &scratch.db).unwrap();
-    store.write_batch(id(2), &readings(10, &[])).unwrap();
+    store.write_batch(id(2), &readings(10, &[]), &[]).unwrap();
     assert!(store.replaced());
     drop(store);
     assert_eq!(row_count(&scratch.db), 15);
@@ -612,7 +612,7 @@ fn the_interrupter_stops_a_long_bisection() {
         interrupt();
     });
     let started = Instant::now();
-    let error = store.write_batch(id(1), &batch).unwrap_err().to_string();
+    let error = store.write_batch(id(1), &batch, &[]).unwrap_err().to_string();
     let took = started.elapsed();
     interrupter.join().unwrap();
     assert!(error.contains("interrupted"), "{error}");
