@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use crate::reading::SensorId;
-use crate::store::{MinAvgMax, SensorSummary, Summary};
+use crate::store::{DeliverySummary, MinAvgMax, SensorSummary, Summary};
 
 /// How much of a summary to show.
 #[derive(Clone, Copy, Debug, Default)]
@@ -50,6 +50,42 @@ struct SensorDocument<'a> {
     temperature: &'a MinAvgMax,
     humidity: &'a MinAvgMax,
     measurements: &'a [String],
+    /// Readings lost (gaps no retransmission filled), duplicates and their
+    /// ratio; null for a sensor that sends no sequence numbers.
+    lost: Option<u64>,
+    duplicates: Option<u64>,
+    loss_ratio: Option<f64>,
+    /// Every delivery counter, summed over the sensor's boots.
+    delivery: Option<DeliveryDocument>,
+}
+
+#[derive(Serialize)]
+struct DeliveryDocument {
+    expected: u64,
+    received: u64,
+    lost: u64,
+    duplicates: u64,
+    reordered: u64,
+    late: u64,
+    boots: u64,
+    first_seen: f64,
+    last_seen: f64,
+}
+
+impl From<&DeliverySummary> for DeliveryDocument {
+    fn from(d: &DeliverySummary) -> Self {
+        DeliveryDocument {
+            expected: d.expected,
+            received: d.received,
+            lost: d.lost(),
+            duplicates: d.duplicates,
+            reordered: d.reordered,
+            late: d.late,
+            boots: d.boots,
+            first_seen: d.first_seen,
+            last_seen: d.last_seen,
+        }
+    }
 }
 
 /// Writes `summary` as one JSON object: the totals, then `per_sensor`.
@@ -69,6 +105,10 @@ pub fn write_json(summary: &Summary, view: &View, out: &mut impl Write) -> io::R
                 temperature: &s.temperature,
                 humidity: &s.humidity,
                 measurements: &s.measurements,
+                lost: s.delivery.as_ref().map(DeliverySummary::lost),
+                duplicates: s.delivery.as_ref().map(|d| d.duplicates),
+                loss_ratio: s.delivery.as_ref().map(DeliverySummary::loss_ratio),
+                delivery: s.delivery.as_ref().map(DeliveryDocument::from),
             })
             .collect(),
     };
@@ -112,16 +152,33 @@ pub fn write_table(summary: &Summary, view: &View, out: &mut impl Write) -> io::
         .max()
         .unwrap_or(0)
         .max(10);
+    // Loss columns only where some sensor sends sequence numbers.
+    let sequenced = sensors.iter().any(|s| s.delivery.is_some());
+    let loss_header = if sequenced {
+        format!(" {:>8} {:>7} {:>8}", "lost", "loss", "dups")
+    } else {
+        String::new()
+    };
     writeln!(
         out,
-        "{:>width$} {:>9} {:>10}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}  measures",
+        "{:>width$} {:>9} {:>10}{loss_header}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}  measures",
         "sensor", "readings", "last seen", "temp min", "avg", "max", "hum min", "avg", "max",
     )?;
     for (s, id) in sensors.into_iter().zip(&ids) {
         let (t, h) = (&s.temperature, &s.humidity);
+        let loss = match (&s.delivery, sequenced) {
+            (Some(d), _) => format!(
+                " {:>8} {:>6.2}% {:>8}",
+                d.lost(),
+                d.loss_ratio() * 100.0,
+                d.duplicates
+            ),
+            (None, true) => format!(" {:>8} {:>7} {:>8}", "-", "-", "-"),
+            (None, false) => String::new(),
+        };
         writeln!(
             out,
-            "{:>width$} {:>9} {:>10}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}  {}",
+            "{:>width$} {:>9} {:>10}{loss}  {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}  {}",
             id,
             s.readings,
             age(view.now - s.last_seen),

@@ -419,7 +419,7 @@ fn sqlite_version_2_file_is_upgraded_in_place() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     type Bits = (i64, u64, u64, u64, u64, Option<String>);
     let old: Vec<Bits> = conn
         .prepare(

@@ -243,7 +243,7 @@ fn older_schema_versions_are_upgraded_and_keep_their_rows() {
         );
         drop(store);
         assert_eq!(row_count(&scratch.db), 12, "version {version}");
-        assert_eq!(query_i64(&scratch.db, "PRAGMA user_version"), 3);
+        assert_eq!(query_i64(&scratch.db, "PRAGMA user_version"), 4);
         assert_eq!(
             query_i64(&scratch.db, "SELECT COUNT(*) FROM sensord_batches"),
             1
