@@ -137,7 +137,9 @@ fn batch_insert_of(
     // A million rows first: the index is then deeper than one batch.
     for _ in 0..4 {
         let (id, batch) = next_batch();
-        store.write_batch(id, &batch, &[]).expect("the batch commits");
+        store
+            .write_batch(id, &batch, &[])
+            .expect("the batch commits");
     }
     let mut group = c.benchmark_group("sqlite");
     group.throughput(Throughput::Elements(BATCH as u64));
@@ -148,7 +150,9 @@ fn batch_insert_of(
             &mut next_batch,
             |(id, mut batch)| {
                 store::sort_for_index(&mut batch);
-                store.write_batch(id, &batch, &[]).expect("the batch commits")
+                store
+                    .write_batch(id, &batch, &[])
+                    .expect("the batch commits")
             },
             BatchSize::LargeInput,
         )

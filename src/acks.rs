@@ -138,7 +138,11 @@ impl Acks {
     pub fn committed(&mut self, n: usize, delivery: &Delivery) {
         self.committed += n as u64;
         let mut due = Vec::new();
-        while self.pending.front().is_some_and(|(at, _)| *at <= self.committed) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|(at, _)| *at <= self.committed)
+        {
             // Checked just above.
             due.push(self.pending.pop_front().expect("a due request").1);
         }
@@ -297,7 +301,9 @@ mod tests {
         let acks = encode(streams, &mut credit);
         assert_eq!(
             acks,
-            [r#"{"ack":[{"sensor_id":42,"boot":7,"seq":[[100,163],[165,165]]},{"sensor_id":"attic","boot":0,"seq":[[1,3]]}]}"#]
+            [
+                r#"{"ack":[{"sensor_id":42,"boot":7,"seq":[[100,163],[165,165]]},{"sensor_id":"attic","boot":0,"seq":[[1,3]]}]}"#
+            ]
         );
         assert_eq!(credit, 10_000 - acks[0].len() as u64);
     }

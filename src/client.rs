@@ -40,6 +40,8 @@ pub struct SendConfig {
     pub reliable: bool,
     /// The most readings unacknowledged at once (`--reliable`).
     pub max_unacked: usize,
+    /// How long a reading may stay unacknowledged before it is given up.
+    pub give_up: Duration,
 }
 
 /// A `--sensor-ids LO-HI` range.
@@ -93,7 +95,8 @@ pub const INITIAL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Back-off doubles the timeout up to this, so a long outage is probed
 /// every few seconds instead of ever more rarely.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(4);
-/// A reading unacknowledged this long after its first send is given up.
+/// A reading unacknowledged this long after its first send is given up,
+/// unless `--give-up-after` says otherwise.
 pub const GIVE_UP: Duration = Duration::from_secs(60);
 /// Retransmissions are packed as JSON arrays into datagrams this large.
 const RETRANSMIT_BYTES: usize = 1400;
@@ -136,16 +139,20 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<Sent, Error> {
         boot,
         reliable: config.reliable,
         max_unacked: config.max_unacked.max(1),
+        give_up: config.give_up,
         next_seq: HashMap::new(),
         unacked: BTreeMap::new(),
         timers: BinaryHeap::new(),
         sent: Sent::default(),
         refused: 0,
     };
-    client.socket.set_nonblocking(true).map_err(|source| Error::Io {
-        what: "make the socket non-blocking",
-        source,
-    })?;
+    client
+        .socket
+        .set_nonblocking(true)
+        .map_err(|source| Error::Io {
+            what: "make the socket non-blocking",
+            source,
+        })?;
     let mut next = Instant::now();
     while config.count.is_none_or(|count| client.sent.sent < count) && !shutdown.requested() {
         if client.reliable {
@@ -177,7 +184,7 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<Sent, Error> {
         if !client.unacked.is_empty() {
             info!(
                 "waiting up to {} for the last {} acks",
-                humantime::format_duration(GIVE_UP),
+                humantime::format_duration(config.give_up),
                 client.unacked.len()
             );
         }
@@ -229,6 +236,7 @@ struct Client {
     boot: u64,
     reliable: bool,
     max_unacked: usize,
+    give_up: Duration,
     /// The next `seq` of each sensor.
     next_seq: HashMap<i64, u64>,
     /// Readings sent and not yet acknowledged, by sensor and seq.
@@ -353,7 +361,7 @@ impl Client {
             if pending.due != due {
                 continue;
             }
-            if now.duration_since(pending.first_sent) >= GIVE_UP {
+            if now.duration_since(pending.first_sent) >= self.give_up {
                 self.unacked.remove(&(sensor, seq));
                 self.sent.gave_up += 1;
                 continue;
@@ -384,12 +392,9 @@ impl Client {
     /// Waits up to `timeout` (at most until the next retransmission) for an
     /// ack to arrive or a stop request.
     fn wait(&self, timeout: Duration, shutdown: &Shutdown) -> Result<(), Error> {
-        let until_due = self
-            .timers
-            .peek()
-            .map_or(timeout, |Reverse((due, _, _))| {
-                due.saturating_duration_since(Instant::now())
-            });
+        let until_due = self.timers.peek().map_or(timeout, |Reverse((due, _, _))| {
+            due.saturating_duration_since(Instant::now())
+        });
         let fds = [self.socket.as_fd(), shutdown.wake_fd()];
         poll_readable(&fds, timeout.min(until_due)).map_err(|source| Error::Io {
             what: "wait for acks",

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use crate::reading::{Reading, Sensor, Sequence, SensorId};
+use crate::reading::{Reading, Sensor, SensorId, Sequence};
 
 /// How far behind the highest sequence number a reading may arrive and
 /// still be told apart from a duplicate: 16,384 readings, 2 KiB per stream.
@@ -222,7 +222,9 @@ impl Stream {
         let mut seq = start;
         while seq <= highest {
             // A whole word received: skip it.
-            if seq % 64 == 0 && highest - seq >= 63 && self.bits[((seq % WINDOW) / 64) as usize] == !0
+            if seq % 64 == 0
+                && highest - seq >= 63
+                && self.bits[((seq % WINDOW) / 64) as usize] == !0
             {
                 if let Some(lo) = open.take() {
                     record.missing.push((lo, seq - 1));
@@ -431,7 +433,10 @@ mod tests {
     #[test]
     fn record_round_trip_and_late() {
         let mut d = Delivery::new();
-        let first: Vec<Reading> = (0..20_000).filter(|s| s % 7 != 0).map(|s| reading(2, 0, s)).collect();
+        let first: Vec<Reading> = (0..20_000)
+            .filter(|s| s % 7 != 0)
+            .map(|s| reading(2, 0, s))
+            .collect();
         let a = d.admit(first);
         let record = a.streams[0].record.clone();
         let mut again = Delivery::new();

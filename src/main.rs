@@ -151,8 +151,8 @@ struct SendArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Keep every reading until the server acknowledges it, retransmitting
-    /// it with back-off (0.5 s doubling to 4 s; given up after 60 s); exit
-    /// 0 only if every reading was acknowledged.
+    /// it with back-off (0.5 s doubling to 4 s, each times a random 1 to
+    /// 1.5); exit 0 only if every reading was acknowledged.
     #[arg(long)]
     reliable: bool,
     /// With --reliable, the most readings unacknowledged at once; new
@@ -160,6 +160,10 @@ struct SendArgs {
     /// duplicate window.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=16_384))]
     max_unacked: u64,
+    /// With --reliable, how long a reading may go unacknowledged before it
+    /// is given up.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    give_up_after: Duration,
 }
 
 #[derive(clap::Args)]
@@ -353,6 +357,7 @@ fn send(args: SendArgs, shutdown: &Shutdown) -> Result<ExitCode, Error> {
         reliable: args.reliable,
         // At most 16384: fits.
         max_unacked: args.max_unacked as usize,
+        give_up: args.give_up_after,
     };
     let sent = client::run(&config, shutdown)?;
     if config.reliable && !sent.all_acked() {

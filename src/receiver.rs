@@ -17,11 +17,11 @@ use log::{debug, info, warn};
 
 use crate::acks::{AckRequest, Chunk};
 use crate::datagrams::Datagrams;
+use crate::error;
 use crate::error::Error;
 use crate::ledger::Ledger;
 use crate::reading::{Format, Rejection, parse_datagram};
 use crate::shutdown::{Shutdown, poll_readable};
-use crate::error;
 
 /// How long a receiver holding a chunk the full queue refused waits before
 /// offering it again, and how often a blocked send looks at the shutdown

@@ -422,7 +422,11 @@ fn admit(
         let streams = std::mem::take(&mut admitted.streams);
         (readings, streams, admitted)
     } else {
-        (rest.to_vec(), Vec::new(), crate::delivery::Admitted::default())
+        (
+            rest.to_vec(),
+            Vec::new(),
+            crate::delivery::Admitted::default(),
+        )
     };
     // The receiver has stopped, so the second core is free to sort.
     store::sort_for_index_on_two_threads(&mut readings);

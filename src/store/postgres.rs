@@ -50,12 +50,12 @@ use postgres::{CancelToken, Client, Config, NoTls, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    BatchId, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal,
-    SEQUENCE_COLUMNS, SensorSummary, SpillBatch, Store, Summary, add_extra_measurements,
-    attach_delivery, delivery_from_row, delivery_sql, per_sensor_sql, stream_from_row,
+    BatchId, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal, SEQUENCE_COLUMNS,
+    SensorSummary, SpillBatch, Store, Summary, add_extra_measurements, attach_delivery,
+    delivery_from_row, delivery_sql, per_sensor_sql, stream_from_row,
 };
-use crate::error::{Error, io_cause};
 use crate::delivery::{StreamKey, StreamRecord, StreamUpdate};
+use crate::error::{Error, io_cause};
 use crate::reading::{NAME_KEYS, Reading, SensorId};
 use crate::shutdown::Shutdown;
 

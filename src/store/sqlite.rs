@@ -25,13 +25,13 @@ use rusqlite::{
 };
 
 use super::{
-    BatchId, DEFAULT_TABLE, Expired, Filter, Imported, Interrupter, NameKeys,
-    Options, Refusal, SEQUENCE_COLUMNS, SensorSummary, SpillBatch, Store, Summary,
-    add_extra_measurements, attach_delivery, check_name_key, delivery_from_row, delivery_sql, per_sensor_sql,
+    BatchId, DEFAULT_TABLE, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal,
+    SEQUENCE_COLUMNS, SensorSummary, SpillBatch, Store, Summary, add_extra_measurements,
+    attach_delivery, check_name_key, delivery_from_row, delivery_sql, per_sensor_sql,
     stream_from_row,
 };
-use crate::error::Error;
 use crate::delivery::{StreamKey, StreamRecord, StreamUpdate};
+use crate::error::Error;
 use crate::reading::{NAME_KEYS, Reading, SensorId, unix_now};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.

@@ -186,7 +186,10 @@ fn import_spill_skips_committed_batches_and_refuses_poison() {
             readings: readings(30, &[0, 29]),
         },
     ];
-    let imported = store.import_spill("spill-a", &batches, &[]).unwrap().unwrap();
+    let imported = store
+        .import_spill("spill-a", &batches, &[])
+        .unwrap()
+        .unwrap();
     assert_eq!((imported.stored, imported.skipped), (49 + 28, 100));
     assert_eq!(imported.refused.len(), 3);
     assert!(imported.refused.iter().all(|r| r.cause == POISON_CAUSE));
@@ -540,7 +543,9 @@ fn a_trigger_refusal_is_isolated_too() {
     .unwrap();
     drop(conn);
     let mut store = open(&scratch.db);
-    let refused = store.write_batch(id(1), &readings(200, &[7, 150]), &[]).unwrap();
+    let refused = store
+        .write_batch(id(1), &readings(200, &[7, 150]), &[])
+        .unwrap();
     drop(store);
     let causes: Vec<&str> = refused.iter().map(|r| r.cause.as_str()).collect();
     assert_eq!(causes, ["too hot", "too hot"]);
@@ -583,7 +588,9 @@ fn a_replaced_file_is_written_and_reported() {
     assert!(!store.replaced());
     let other = scratch.path().join("other.db");
     let mut other_store = open(&other);
-    other_store.write_batch(id(1), &readings(5, &[]), &[]).unwrap();
+    other_store
+        .write_batch(id(1), &readings(5, &[]), &[])
+        .unwrap();
     drop(other_store);
     std::fs::rename(&other, &scratch.db).unwrap();
     store.write_batch(id(2), &readings(10, &[]), &[]).unwrap();
@@ -612,7 +619,10 @@ fn the_interrupter_stops_a_long_bisection() {
         interrupt();
     });
     let started = Instant::now();
-    let error = store.write_batch(id(1), &batch, &[]).unwrap_err().to_string();
+    let error = store
+        .write_batch(id(1), &batch, &[])
+        .unwrap_err()
+        .to_string();
     let took = started.elapsed();
     interrupter.join().unwrap();
     assert!(error.contains("interrupted"), "{error}");
