@@ -8,6 +8,8 @@ mod faults;
 mod hardening;
 mod ops;
 mod postgres;
+mod python_client;
+mod relay;
 mod sensors;
 mod serve;
 mod sqlite;
