@@ -155,15 +155,19 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<Sent, Error> {
         })?;
     let mut next = Instant::now();
     while config.count.is_none_or(|count| client.sent.sent < count) && !shutdown.requested() {
+        let sensor = rng.random_range(config.sensor_ids.0.clone());
         if client.reliable {
             client.read_acks()?;
             client.retransmit(&mut rng)?;
-            if client.unacked.len() >= client.max_unacked {
+            while client.full(sensor) && !shutdown.requested() {
                 client.wait(Duration::from_millis(50), shutdown)?;
-                continue;
+                client.read_acks()?;
+                client.retransmit(&mut rng)?;
+            }
+            if shutdown.requested() {
+                break;
             }
         }
-        let sensor = rng.random_range(config.sensor_ids.0.clone());
         client.send_new(sensor, &mut rng)?;
         if !config.interval.is_zero() {
             // A late wake-up (a busy machine) is not made up with a burst.
@@ -250,6 +254,21 @@ struct Client {
 }
 
 impl Client {
+    /// True while a new reading from `sensor` must wait: `max_unacked`
+    /// readings are in flight, or its next `seq` is that far above its
+    /// oldest unacknowledged one. The second keeps every retransmission
+    /// within the server's duplicate window, however long one reading
+    /// keeps being lost.
+    fn full(&self, sensor: i64) -> bool {
+        let next = self.next_seq.get(&sensor).copied().unwrap_or(0);
+        let oldest = self
+            .unacked
+            .range((sensor, 0)..=(sensor, u64::MAX))
+            .next()
+            .map_or(next, |((_, seq), _)| *seq);
+        self.unacked.len() >= self.max_unacked || next - oldest >= self.max_unacked as u64
+    }
+
     /// Sends a new random reading from `sensor`, keeping it if reliable.
     fn send_new(&mut self, sensor: i64, rng: &mut StdRng) -> Result<(), Error> {
         let next = self.next_seq.entry(sensor).or_default();

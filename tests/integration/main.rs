@@ -6,6 +6,7 @@ mod cli;
 mod delivery;
 mod faults;
 mod hardening;
+mod lossy;
 mod ops;
 mod postgres;
 mod python_client;

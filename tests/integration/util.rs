@@ -67,9 +67,14 @@ impl Server {
     }
 
     pub fn start_with_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_bound(cwd, "127.0.0.1:0", args, env)
+    }
+
+    /// `start_with_env` on the address `bind`.
+    pub fn start_bound(cwd: &Path, bind: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut command = Command::new(bin());
         command
-            .args(["serve", "--bind", "127.0.0.1:0"])
+            .args(["serve", "--bind", bind])
             .args(args)
             .current_dir(cwd)
             .stdin(Stdio::null())
