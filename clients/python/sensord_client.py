@@ -116,6 +116,13 @@ class Client:
         is how long send() waits for room by default."""
         if isinstance(sensor_id, bool) or not isinstance(sensor_id, (int, str)):
             raise ValueError("sensor_id must be an int or a str")
+        if isinstance(sensor_id, str):
+            # The server takes "42" as sensor 42 and acks it as 42.
+            try:
+                if str(int(sensor_id)) == sensor_id:
+                    sensor_id = int(sensor_id)
+            except ValueError:
+                pass
         if not 1 <= max_unacked <= SERVER_WINDOW:
             raise ValueError("max_unacked must be 1..%d" % SERVER_WINDOW)
         if boot is None:
