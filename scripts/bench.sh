@@ -8,6 +8,8 @@
 #             commit, rows counted in the database, loss = sent - stored
 #   named     the e2e run with named sensors ("esp32-517") and two extra
 #             fields (pressure, rssi) per reading
+#   reliable  `sensord send --reliable --count N/5` (sequenced readings,
+#             acked after commit): first send -> last ack
 #   drain     sensord stopped (SIGSTOP) while N datagrams fill its socket
 #             buffer, then SIGCONT -> last commit
 #   cpu       daemon CPU (utime+stime) per reading in the e2e run, and % of
@@ -194,6 +196,21 @@ measure_named() {
     NAMED_LOSS+=("$((SENT - ROWS))")
 }
 
+# The sequenced, reliable run: `sensord send --reliable` (readings numbered
+# per sensor, acknowledged after their commit, retransmitted when an ack is
+# late) against a daemon with default settings; readings/s from the first
+# send to the last ack, and how many were retransmitted.
+measure_reliable() {
+    local n=$((N / 5)) t0 out="$WORK/reliable.out"
+    start_daemon reliable 0
+    t0=$(now)
+    RUST_LOG=info "$SENSORD" send --to "$DADDR" --reliable --interval 0 --count "$n" 2>"$out" ||
+        die "send --reliable failed (log: $out)"
+    RELIABLE+=("$(calc "$n / ($(now) - $t0)" 0)")
+    RELIABLE_RETX+=("$(grep -o 'retransmitted [0-9]*' "$out" | awk '{ print $2 }')")
+    stop_daemon
+}
+
 measure_drain() {
     local t0
     start_daemon drain 0 --recv-buffer "$(big_buffer "$N")"
@@ -274,12 +291,13 @@ measure_senders() {
 }
 
 for ((rep = 1; rep <= REPS; rep++)); do
-    echo "repetition $rep/$REPS: senders, ceiling, e2e, ceiling, named, drain, flush, idle..." >&2
+    echo "repetition $rep/$REPS: senders, ceiling, e2e, ceiling, named, reliable, drain, flush, idle..." >&2
     measure_senders
     measure_ceiling
     measure_e2e
     measure_ceiling
     measure_named
+    measure_reliable
     measure_drain
     measure_flush
     measure_idle
@@ -314,6 +332,8 @@ ok() { awk "BEGIN { exit !($1) }" && echo met || echo "NOT met"; }
     printf '%-44s %14s  0: %s\n' "  loss (sent - stored), per run" "$(join "${LOSS[@]}")" "$(ok "$(m "${LOSS[@]}") == 0")"
     printf '%-44s %14s\n' "named sensors + 2 extras, e2e (readings/s)" "$(m "${NAMED[@]}")"
     printf '%-44s %14s\n' "  loss (sent - stored), per run" "$(join "${NAMED_LOSS[@]}")"
+    printf '%-44s %14s\n' "sequenced, send --reliable (readings/s)" "$(m "${RELIABLE[@]}")"
+    printf '%-44s %14s\n' "  retransmitted, per run" "$(join "${RELIABLE_RETX[@]}")"
     printf '%-44s %14s  >= 1300000: %s\n' "drain capacity (readings/s)" "$(m "${DRAIN[@]}")" "$(ok "$(m "${DRAIN[@]}") >= 1300000")"
     printf '%-44s %14s\n' "  drain loss, per run" "$(join "${DRAIN_LOSS[@]}")"
     printf '%-44s %14s\n' "  receiver/persister/checkpointer (us)" \
@@ -347,6 +367,8 @@ cat >"$OUT" <<EOF
   "e2e_loss": [$(join "${LOSS[@]}")],
   "named_e2e_per_s": {"median": $(m "${NAMED[@]}"), "runs": [$(join "${NAMED[@]}")]},
   "named_e2e_loss": [$(join "${NAMED_LOSS[@]}")],
+  "reliable_per_s": {"median": $(m "${RELIABLE[@]}"), "runs": [$(join "${RELIABLE[@]}")]},
+  "reliable_retransmitted": [$(join "${RELIABLE_RETX[@]}")],
   "drain_per_s": {"median": $(m "${DRAIN[@]}"), "runs": [$(join "${DRAIN[@]}")]},
   "drain_loss": [$(join "${DRAIN_LOSS[@]}")],
   "drain_thread_us_per_reading": {"receiver": [$(join "${DRAIN_RECV_US[@]}")], "persister": [$(join "${DRAIN_PERS_US[@]}")], "checkpointer": [$(join "${DRAIN_CKPT_US[@]}")]},
