@@ -78,7 +78,7 @@ impl Snapshot {
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = &self.counts;
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 15] = [
             (
                 "sensord_datagrams_received",
                 "Datagrams read from the socket from allowed sources.",
@@ -118,6 +118,16 @@ impl Collector for Snapshot {
                 "sensord_readings_spilled",
                 "Readings written to the spill file at a stop.",
                 c.spilled,
+            ),
+            (
+                "sensord_readings_duplicate",
+                "Sequenced readings already stored or queued, not stored again.",
+                c.duplicates,
+            ),
+            (
+                "sensord_readings_late",
+                "Sequenced readings older than their sensor's duplicate window, not stored.",
+                c.late,
             ),
             (
                 "sensord_readings_dead_lettered",

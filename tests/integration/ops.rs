@@ -100,7 +100,7 @@ fn promtool_check(page: &str) {
 
 /// Every metric that mirrors a counter of the shutdown line, and that
 /// counter's name.
-const MIRRORED: [(&str, &str); 13] = [
+const MIRRORED: [(&str, &str); 15] = [
     ("sensord_datagrams_received_total", "received"),
     ("sensord_datagrams_denied_total", "denied"),
     ("sensord_datagrams_kernel_dropped_total", "kernel_drops"),
@@ -112,6 +112,8 @@ const MIRRORED: [(&str, &str); 13] = [
         "flushed_at_shutdown",
     ),
     ("sensord_readings_spilled_total", "spilled"),
+    ("sensord_readings_duplicate_total", "duplicates"),
+    ("sensord_readings_late_total", "late"),
     ("sensord_readings_dead_lettered_total", "dead_letter"),
     ("sensord_readings_lost_total", "lost"),
     ("sensord_readings_expired_total", "expired"),
@@ -136,10 +138,15 @@ fn metrics_pass_promtool_and_equal_the_shutdown_line() {
         &["--interval", "0", "--count", "5000"],
         scratch.path(),
     );
-    send_datagrams(server.addr, ["not json", r#"{"sensor_id": 1}"#]);
+    let sequenced = r#"{"sensor_id": 1, "seq": 0, "temperature": 1}"#;
+    send_datagrams(
+        server.addr,
+        ["not json", r#"{"sensor_id": 1}"#, sequenced, sequenced],
+    );
     let (page, metrics) = scrape_until(http, EXIT, |m| {
-        m["sensord_readings_persisted_total"] == 5000.0
-            && m["sensord_datagrams_received_total"] == 5002.0
+        m["sensord_readings_persisted_total"] == 5001.0
+            && m["sensord_readings_duplicate_total"] == 1.0
+            && m["sensord_datagrams_received_total"] == 5004.0
     });
     promtool_check(&page);
     assert_eq!(metrics["sensord_readings_queued"], 0.0);
