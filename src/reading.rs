@@ -1383,6 +1383,59 @@ mod tests {
         );
     }
 
+    /// `seq` and `boot`: integers 0 to 2^63-1, `boot` only with `seq`
+    /// (default 0); null is absent; anything else is rejected with a reason.
+    #[test]
+    fn sequence_numbers() {
+        let r = one(r#"{"sensor_id": 1, "seq": 9223372036854775807, "boot": 7, "humidity": 1}"#);
+        assert_eq!(
+            r.sequence(),
+            Some(Sequence {
+                boot: 7,
+                seq: MAX_SEQ
+            })
+        );
+        let r = one(r#"{"sensor_id": 1, "seq": 0, "humidity": 1}"#);
+        assert_eq!(r.sequence(), Some(Sequence { boot: 0, seq: 0 }));
+        assert_eq!(
+            one(r#"{"sensor_id": 1, "seq": null, "humidity": 1}"#).sequence(),
+            None
+        );
+        for (text, rejection) in [
+            (
+                r#"{"sensor_id": 1, "boot": 3, "humidity": 1}"#,
+                Rejection::Missing(Field::Seq),
+            ),
+            (
+                r#"{"sensor_id": 1, "seq": -1, "humidity": 1}"#,
+                Rejection::OutOfRange(Field::Seq),
+            ),
+            (
+                r#"{"sensor_id": 1, "seq": 9223372036854775808, "humidity": 1}"#,
+                Rejection::OutOfRange(Field::Seq),
+            ),
+            (
+                r#"{"sensor_id": 1, "seq": 1.5, "humidity": 1}"#,
+                Rejection::WrongType(Field::Seq),
+            ),
+            (
+                r#"{"sensor_id": 1, "seq": "1", "humidity": 1}"#,
+                Rejection::WrongType(Field::Seq),
+            ),
+            (
+                r#"{"sensor_id": 1, "seq": 1, "boot": -2, "humidity": 1}"#,
+                Rejection::OutOfRange(Field::Boot),
+            ),
+        ] {
+            assert_eq!(reject(text), rejection, "{text}");
+        }
+        let spilled = serde_json::to_string(&one(
+            r#"{"sensor_id": 1, "seq": 5, "boot": 2, "humidity": 1}"#,
+        ))
+        .unwrap();
+        assert!(spilled.ends_with(r#","seq":5,"boot":2}"#), "{spilled}");
+    }
+
     /// A reading stays packed in 64 bytes, and the original datagram's
     /// holds no heap memory.
     #[test]
@@ -1886,26 +1939,33 @@ mod tests {
                 finite(),
                 finite(),
                 0.0..=MAX_INGESTED_AT,
+                proptest::option::of((0..=MAX_SEQ, 0..=MAX_SEQ)),
             )
-                .prop_map(|(sensor_id, temperature, humidity, ingested_at)| {
-                    Reading::from(ReadingParts {
-                        sensor_id: SensorId::Int(sensor_id),
-                        temperature: Some(temperature),
-                        humidity: Some(humidity),
-                        ingested_at,
-                        received_at: NOW,
-                        extra: None,
-                        seq: None,
-                        boot: None,
-                    })
-                })
+                .prop_map(
+                    |(sensor_id, temperature, humidity, ingested_at, sequence)| {
+                        Reading::from(ReadingParts {
+                            sensor_id: SensorId::Int(sensor_id),
+                            temperature: Some(temperature),
+                            humidity: Some(humidity),
+                            ingested_at,
+                            received_at: NOW,
+                            extra: None,
+                            seq: sequence.map(|(seq, _)| seq),
+                            boot: sequence.map(|(_, boot)| boot),
+                        })
+                    },
+                )
         }
 
         fn text(r: &Reading) -> String {
             // Debug formatting is the shortest text that round-trips, with
             // the sign of zero and an exponent where needed.
+            let sequence = r
+                .sequence()
+                .map(|s| format!(r#","seq":{},"boot":{}"#, s.seq, s.boot))
+                .unwrap_or_default();
             format!(
-                r#"{{"sensor_id":{},"temperature":{:?},"humidity":{:?},"ingested_at":{:?}}}"#,
+                r#"{{"sensor_id":{},"temperature":{:?},"humidity":{:?},"ingested_at":{:?}{sequence}}}"#,
                 r.sensor(),
                 r.temperature().unwrap(),
                 r.humidity().unwrap(),
