@@ -3,6 +3,7 @@
 //! does, so the binary is built once.
 
 mod cli;
+mod dashboard;
 mod faults;
 mod hardening;
 mod ops;
