@@ -1777,11 +1777,12 @@ fn pg_dashboard_api_agrees_with_the_table() {
     let width = (hi - lo) / points as f64;
     let expected = client
         .query(
-            "SELECT LEAST(floor((EXTRACT(EPOCH FROM ingested_at) - $2) / $4)::int, $5 - 1) AS b,
+            "SELECT LEAST(floor((EXTRACT(EPOCH FROM ingested_at)::float8 - $2::float8)
+                              / $4::float8)::int, $5::int - 1) AS b,
                     COUNT(*), MIN(temperature), MAX(temperature), MIN(humidity), MAX(humidity)
              FROM sensor_measurements
-             WHERE sensor_id = $1 AND ingested_at >= to_timestamp($2)
-               AND ingested_at <= to_timestamp($3)
+             WHERE sensor_id = $1 AND ingested_at >= to_timestamp($2::float8)
+               AND ingested_at <= to_timestamp($3::float8)
              GROUP BY b ORDER BY b",
             &[&7i64, &lo, &hi, &width, &points],
         )
