@@ -110,16 +110,18 @@ pub struct Api {
 }
 
 impl Api {
-    /// Hands `request` to the `http-api` thread, or gives it back with the
-    /// 503 to answer when that thread is busy or stopped.
-    pub fn submit(&self, request: Request) -> Result<(), (Request, Reply)> {
-        self.requests.try_send(request).map_err(|e| match e {
-            TrySendError::Full(request) => (
+    /// Hands `request` to the `http-api` thread; answers it with a 503
+    /// when that thread is busy or stopped.
+    pub fn submit(&self, request: Request) {
+        let (request, reply) = match self.requests.try_send(request) {
+            Ok(()) => return,
+            Err(TrySendError::Full(request)) => (
                 request,
                 Reply::error(503, "busy: too many dashboard requests waiting; try again"),
             ),
-            TrySendError::Disconnected(request) => (request, stopping()),
-        })
+            Err(TrySendError::Disconnected(request)) => (request, stopping()),
+        };
+        super::send(request, reply);
     }
 }
 

@@ -200,12 +200,7 @@ fn respond(request: Request, sources: &Sources, history: &History, api: Option<&
             Err(reply) => reply,
         },
         _ if path == "/api/sensors" || path.starts_with("/api/sensors/") => match api {
-            Some(api) => {
-                if let Err((request, reply)) = api.submit(request) {
-                    send(request, reply);
-                }
-                return;
-            }
+            Some(api) => return api.submit(request),
             None => Reply::error(503, "the dashboard has no database connection"),
         },
         _ if path.starts_with("/api/") => api::not_found(path),
