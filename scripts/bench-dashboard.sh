@@ -61,7 +61,8 @@ settled() {
     local last=-1 now
     for _ in $(seq $DEADLINE_SECS); do
         now=$(metric sensord_readings_persisted_total)
-        [[ "$(metric sensord_readings_queued)" == 0 && "$now" == "$last" ]] && return
+        # A gauge prints as `0.0`.
+        [[ "$(metric sensord_readings_queued)" == 0* && "$now" == "$last" ]] && return
         last=$now
         sleep 1
     done

@@ -257,6 +257,28 @@
     drawCharts(data);
   }
 
+  /**
+   * The columns `[t, min, avg, max]` of `series`, with a break (nulls)
+   * wherever the sensor was silent for much longer than its usual spacing,
+   * so that a silence is drawn as a gap, not as a line across it.
+   */
+  function withGaps(t, series) {
+    const steps = t.slice(1).map((x, i) => x - t[i]).sort((a, b) => a - b);
+    const usual = steps.length ? steps[Math.floor(steps.length / 2)] : 0;
+    const columns = [[], [], [], []];
+    t.forEach((x, i) => {
+      if (i > 0 && x - t[i - 1] > 10 * usual) {
+        columns[0].push((x + t[i - 1]) / 2);
+        for (const c of columns.slice(1)) c.push(null);
+      }
+      columns[0].push(x);
+      columns[1].push(series.min[i]);
+      columns[2].push(series.avg[i]);
+      columns[3].push(series.max[i]);
+    });
+    return columns;
+  }
+
   function drawCharts(data) {
     state.range = { from: data.from, to: data.to };
     const holder = $("#charts");
@@ -272,7 +294,7 @@
     const palette = ["--c1", "--c2", "--c3", "--c4"].map(color);
     data.series.forEach((series, i) => {
       const label = series.unit ? `${series.name} (${series.unit})` : series.name;
-      const values = [data.t, series.min, series.avg, series.max];
+      const values = withGaps(data.t, series);
       let chart = state.charts.get(series.name);
       if (!chart) {
         const block = document.createElement("div");
@@ -311,9 +333,20 @@
 
   // ---- Navigation and refresh ----
 
+  function markWindow() {
+    document
+      .querySelectorAll("#windows button")
+      .forEach((b) => b.classList.toggle("active", b.dataset.window === state.window));
+  }
+
+  const WINDOWS = ["900", "3600", "86400", "604800", "all"];
+
+  /** `#sensor=ID` shows a sensor, `&window=SECONDS|all` picks its window. */
   function route() {
-    const match = location.hash.match(/^#sensor=(.*)$/);
-    state.sensor = match ? decodeURIComponent(match[1]) : null;
+    const params = new URLSearchParams(location.hash.slice(1));
+    state.sensor = params.get("sensor");
+    if (WINDOWS.includes(params.get("window"))) state.window = params.get("window");
+    markWindow();
     $("#overview").hidden = state.sensor !== null;
     $("#sensor-view").hidden = state.sensor === null;
     if (state.sensor !== null) {
@@ -374,7 +407,7 @@
     });
     $("#sensors tbody").addEventListener("click", (e) => {
       const row = e.target.closest("tr");
-      if (row) location.hash = `sensor=${encodeURIComponent(row.dataset.sensor)}`;
+      if (row) location.hash = new URLSearchParams({ sensor: row.dataset.sensor }).toString();
     });
     $("#prev").addEventListener("click", () => {
       state.page -= 1;
@@ -384,18 +417,14 @@
       state.page += 1;
       drawSensors();
     });
-    const buttons = document.querySelectorAll("#windows button");
-    const mark = () =>
-      buttons.forEach((b) => b.classList.toggle("active", b.dataset.window === state.window));
-    buttons.forEach((button) =>
+    document.querySelectorAll("#windows button").forEach((button) =>
       button.addEventListener("click", () => {
         state.window = button.dataset.window;
         localStorage.setItem("sensord.window", state.window);
-        mark();
+        markWindow();
         refresh();
       }),
     );
-    mark();
     let resizing = 0;
     window.addEventListener("resize", () => {
       clearTimeout(resizing);
