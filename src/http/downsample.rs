@@ -113,13 +113,13 @@ impl Downsampler {
         }
     }
 
-    /// Adds one reading; one outside the window is ignored.
+    /// Adds one reading of the window. The store chose it: one just
+    /// outside by the store's rounding of times (PostgreSQL keeps
+    /// microseconds) goes in the nearest bucket.
     pub fn add(&mut self, reading: RawReading<'_>) {
-        if !(self.from..=self.to).contains(&reading.at) {
-            return;
-        }
         let last = self.buckets.len() - 1;
         let i = if self.width > 0.0 {
+            // A negative offset saturates to bucket 0.
             (((reading.at - self.from) / self.width) as usize).min(last)
         } else {
             0
@@ -240,7 +240,8 @@ mod tests {
 
     /// Numeric extra fields become series after temperature and humidity,
     /// by name; other values and broken JSON are ignored; the window's
-    /// last instant falls in the last bucket.
+    /// last instant falls in the last bucket, and a reading a rounding
+    /// outside the window in the nearest.
     #[test]
     fn extra_fields_are_series() {
         let mut d = Downsampler::new(0.0, 2.0, 2);
@@ -251,12 +252,12 @@ mod tests {
         ));
         d.add(reading(1.0, Some(20.0), Some("not json")));
         d.add(reading(2.0, None, Some(r#"{"rssi": -70, "label": "x"}"#)));
-        d.add(reading(2.5, Some(99.0), None));
+        d.add(reading(-1e-7, Some(10.0), None));
         let out = d.finish();
         let names: Vec<&str> = out.series.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["temperature", "pressure", "rssi"]);
-        assert_eq!(out.readings, 3);
-        assert_eq!(out.series[0].avg, vec![None, Some(20.0)]);
+        assert_eq!(out.readings, 4);
+        assert_eq!(out.series[0].avg, vec![Some(10.0), Some(20.0)]);
         assert_eq!(out.series[1].max, vec![Some(1000.5), None]);
         assert_eq!(out.series[2].min, vec![Some(-60.0), Some(-70.0)]);
     }

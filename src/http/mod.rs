@@ -109,10 +109,8 @@ pub fn start(
     sources: Sources,
     store: Option<Box<dyn Store>>,
 ) -> Result<HttpGuard, Error> {
-    info!(
-        "http on {}; the dashboard is at http://{}/",
-        listener.addr, listener.addr
-    );
+    info!("dashboard at http://{}/", listener.addr);
+    info!("http on {}", listener.addr);
     let (api, api_guard) = match store {
         Some(store) => {
             let (api, guard) = api::start(store)?;

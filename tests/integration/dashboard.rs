@@ -46,9 +46,8 @@ pub fn start_with_dashboard(cwd: &Path, args: &[&str]) -> (Server, SocketAddr) {
     let mut server = Server::start(cwd, &[&["--http", "127.0.0.1:0"][..], args].concat());
     let line = server.wait_for_line("http on ", Duration::from_secs(10));
     let addr = line
-        .split("http on ")
-        .nth(1)
-        .and_then(|rest| rest.split(';').next())
+        .rsplit("http on ")
+        .next()
         .unwrap()
         .trim()
         .parse()
