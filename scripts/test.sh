@@ -4,7 +4,8 @@
 # own; they need the server binaries (initdb, pg_ctl, postgres) and, when
 # run as root, the unprivileged `postgres` user to run them as. Missing
 # binaries are installed from Debian's packages (as root), never skipped;
-# so are Prometheus and systemd-analyze for the ops tests.
+# so are Prometheus and systemd-analyze for the ops tests and Chromium for
+# the dashboard's.
 #
 # Extra arguments go to `cargo test`, e.g. `scripts/test.sh hardening::`.
 set -euo pipefail
@@ -29,10 +30,12 @@ if [ "$(id -u)" -eq 0 ] && ! id -u postgres >/dev/null 2>&1; then
 fi
 
 # The ops tests run Debian's Prometheus (prometheus, promtool) and
-# systemd-analyze (from systemd) on the shipped unit file.
+# systemd-analyze (from systemd) on the shipped unit file; the dashboard
+# tests render the page in headless Chromium.
 missing=()
 command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "test.sh: ${missing[*]} not found; install them (or run as root to have them installed)" >&2

@@ -25,8 +25,13 @@
 //!   dead-letter file.
 //! - `server`: `sensord serve`: start-up (open the store, replay a spill),
 //!   then wiring the above to a socket and a store.
-//! - `http`: `--http`, the `/metrics` and `/health` pages (thread `http`).
-//!   It reads counters, and never writes.
+//! - `http`: `--http`, the `/metrics` and `/health` pages and the
+//!   dashboard (thread `http`): the page and its assets (`http::assets`,
+//!   uPlot vendored), its JSON API (`http::api`, reading the database on a
+//!   thread and store connection of its own, `http-api`), the counters'
+//!   ring buffer behind the ingest-rate chart (`http::history`) and the
+//!   reduction of long windows to buckets (`http::downsample`). It reads
+//!   counters and a store, and never writes.
 //! - `retention`: `--retain`, deleting old readings through a store
 //!   connection of its own (thread `retention`).
 //! - `client`, `stats`: `sensord send` and `sensord stats`.

@@ -310,8 +310,15 @@ fn serve(args: ServeArgs, shutdown: Shutdown) -> Result<ExitCode, Error> {
         Some(retain) => Some((retain, store::open(&args.db, &options)?)),
         None => None,
     };
+    // The dashboard's reads, on a connection of their own (SQLite in WAL
+    // mode reads beside the writer).
+    let dashboard = match http {
+        Some(_) => Some(store::open_existing(&args.db, &options)?),
+        None => None,
+    };
     let ops = Ops {
         http,
+        dashboard,
         retention,
         spill_files_replayed: replayed.files,
     };

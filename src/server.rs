@@ -46,8 +46,11 @@ pub struct Config {
 /// port in use or an unreachable database fails before anything runs.
 #[derive(Default)]
 pub struct Ops {
-    /// `--http`: the bound listener to serve `/metrics` and `/health` on.
+    /// `--http`: the bound listener to serve `/metrics`, `/health` and the
+    /// dashboard on.
     pub http: Option<http::Listener>,
+    /// `--http`: the dashboard API's own store connection, for reading.
+    pub dashboard: Option<Box<dyn Store>>,
     /// `--retain`: how long readings are kept, and the store connection
     /// that deletes the older ones.
     pub retention: Option<(Duration, Box<dyn Store>)>,
@@ -156,9 +159,9 @@ pub fn run(
     }
     info!("listening on {local}");
     // Both stop after the final flush: /health says "stopping" meanwhile,
-    // and the retention connection closes before the persister's, whose
-    // close then empties and removes the WAL.
-    let http = match ops.http {
+    // and the retention and dashboard connections close before the
+    // persister's, whose close then empties and removes the WAL.
+    let mut http = match ops.http {
         Some(listener) => {
             let socket = socket_clone(&counter_socket)?;
             let sources = http::Sources {
@@ -166,7 +169,7 @@ pub fn run(
                 socket,
                 shutdown: shutdown.clone(),
             };
-            Some(http::start(listener, sources)?)
+            Some(http::start(listener, sources, ops.dashboard)?)
         }
         None => None,
     };
@@ -206,6 +209,9 @@ pub fn run(
     }
     info!("stopping: reading what the socket holds, then flushing what is queued");
     drop(retention);
+    if let Some(http) = http.as_mut() {
+        http.close_database();
+    }
     let flush = guard.finish();
     let counts = ledger.snapshot(receiver::kernel_drops(&counter_socket));
     drop(http);

@@ -21,7 +21,7 @@ use crate::receiver;
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The version and the commit it was built from.
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SENSORD_BUILD"), ")");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SENSORD_BUILD"), ")");
 
 /// The page's text.
 pub fn render(sources: &Sources) -> String {

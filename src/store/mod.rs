@@ -125,6 +125,70 @@ pub trait Store: Send {
     fn replaced(&self) -> bool {
         false
     }
+
+    // The dashboard's reads (`http::api`), on a connection of their own.
+    // Each is bounded by the `(sensor_id, ingested_at)` index: a seek per
+    // sensor, or one sensor's range of times.
+
+    /// Every sensor with readings, in key order, with its latest reading,
+    /// how many readings it took from `recent.from` on, and a sparkline.
+    fn sensor_list(&mut self, recent: &Recent) -> Result<Vec<SensorRow>, Error>;
+
+    /// The key stored in `sensor_id` for `id`, if that sensor has readings.
+    fn sensor_key(&mut self, id: &SensorId) -> Result<Option<i64>, Error>;
+
+    /// The first and last `ingested_at` of sensor `key`, if it has readings.
+    fn sensor_span(&mut self, key: i64) -> Result<Option<(f64, f64)>, Error>;
+
+    /// Hands sensor `key`'s readings taken in `window` (`from..=to`, unix
+    /// seconds) to `sink`, in time order.
+    fn sensor_readings(
+        &mut self,
+        key: i64,
+        window: (f64, f64),
+        sink: &mut dyn FnMut(RawReading<'_>),
+    ) -> Result<(), Error>;
+}
+
+/// The stretch of time `Store::sensor_list` counts readings and draws
+/// sparklines over: `samples` slots of `step` seconds from `from` on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Recent {
+    pub from: f64,
+    pub step: f64,
+    pub samples: usize,
+}
+
+/// One sensor of `Store::sensor_list`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SensorRow {
+    /// As the sensor sent it: its integer, or its name.
+    pub id: SensorId,
+    /// The latest `ingested_at`, unix seconds.
+    pub last_seen: f64,
+    /// The latest reading's measurements (None where it had none).
+    pub temperature: Option<f64>,
+    pub humidity: Option<f64>,
+    /// Readings taken from `Recent::from` on.
+    pub recent: u64,
+    /// Per slot of `Recent`, the latest reading's temperature and humidity
+    /// in it; None for a slot without a reading or without that value.
+    pub spark_temperature: Vec<Option<f64>>,
+    pub spark_humidity: Vec<Option<f64>>,
+    /// Readings lost (by sequence numbers) per reading expected; None for
+    /// a sensor that sends no sequence numbers.
+    pub loss_ratio: Option<f64>,
+}
+
+/// One stored reading, as `Store::sensor_readings` hands it over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RawReading<'a> {
+    /// `ingested_at`, unix seconds.
+    pub at: f64,
+    pub temperature: Option<f64>,
+    pub humidity: Option<f64>,
+    /// The `extra` column's JSON text, if any.
+    pub extra: Option<&'a str>,
 }
 
 /// What one `Store::expire` step did.

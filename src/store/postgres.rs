@@ -45,14 +45,16 @@ use log::{info, warn};
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::config::{Host, SslMode};
 use postgres::error::SqlState;
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{CancelToken, Client, Config, NoTls, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    BatchId, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal, SEQUENCE_COLUMNS,
-    SensorSummary, SpillBatch, Store, Summary, add_extra_measurements, attach_delivery,
-    delivery_from_row, delivery_sql, per_sensor_sql, stream_from_row,
+    BatchId, Expired, Filter, Imported, Interrupter, NameKeys, Options, RawReading, Recent,
+    Refusal, SEQUENCE_COLUMNS, SensorRow, SensorSummary, SpillBatch, Store, Summary,
+    add_extra_measurements, attach_delivery, delivery_from_row, delivery_sql, per_sensor_sql,
+    stream_from_row,
 };
 use crate::delivery::{StreamKey, StreamRecord, StreamUpdate};
 use crate::error::{Error, io_cause};
@@ -1435,6 +1437,178 @@ impl Store for PostgresStore {
             other => other,
         };
         result.map_err(|e| {
+            self.disconnect();
+            Error::database(what, cause(&e))
+        })
+    }
+
+    // The dashboard's reads: each statement seeks the index per sensor, or
+    // reads a range of one sensor's times.
+
+    fn sensor_list(&mut self, recent: &Recent) -> Result<Vec<SensorRow>, Error> {
+        let table_name = self.table.clone();
+        self.read(|client, table| {
+            // The distinct sensors by a loose index scan: one seek each.
+            let latest = client.query(
+                &format!(
+                    "WITH RECURSIVE ids (key) AS (
+                         (SELECT sensor_id FROM {table} ORDER BY sensor_id LIMIT 1)
+                         UNION ALL
+                         SELECT (SELECT sensor_id FROM {table} WHERE sensor_id > ids.key
+                                 ORDER BY sensor_id LIMIT 1)
+                         FROM ids WHERE ids.key IS NOT NULL)
+                     SELECT ids.key, names.name, latest.at, latest.temperature,
+                            latest.humidity,
+                            (SELECT COUNT(*) FROM {table} WHERE sensor_id = ids.key
+                                 AND ingested_at >= to_timestamp($1::float8))
+                     FROM ids
+                     LEFT JOIN sensor_names names ON names.key = ids.key
+                     CROSS JOIN LATERAL (
+                         SELECT EXTRACT(EPOCH FROM ingested_at)::float8 AS at,
+                                temperature, humidity
+                         FROM {table} WHERE sensor_id = ids.key
+                         ORDER BY ingested_at DESC LIMIT 1) latest
+                     WHERE ids.key IS NOT NULL ORDER BY ids.key"
+                ),
+                &[&recent.from],
+            )?;
+            let mut keys = Vec::with_capacity(latest.len());
+            let mut rows = Vec::with_capacity(latest.len());
+            for row in &latest {
+                let key: i64 = row.try_get(0)?;
+                let name: Option<String> = row.try_get(1)?;
+                keys.push(key);
+                rows.push(SensorRow {
+                    id: name.map_or(SensorId::Int(key), |name| SensorId::Name(name.into())),
+                    last_seen: row.try_get(2)?,
+                    temperature: row.try_get(3)?,
+                    humidity: row.try_get(4)?,
+                    recent: row.try_get::<_, i64>(5)? as u64,
+                    spark_temperature: vec![None; recent.samples],
+                    spark_humidity: vec![None; recent.samples],
+                    loss_ratio: None,
+                });
+            }
+            // One row per sensor and boot: bounded by the streams, not the
+            // readings.
+            let losses = client.query(&delivery_sql("table_name = $1"), &[&table_name])?;
+            for row in &losses {
+                let (key, delivery) = delivery_from_row(|i| row.try_get(i), |i| row.try_get(i))?;
+                if let Ok(n) = keys.binary_search(&key) {
+                    rows[n].loss_ratio = Some(delivery.loss_ratio());
+                }
+            }
+            let samples = client.query(
+                &format!(
+                    "SELECT ids.n, slot.i, sample.temperature, sample.humidity
+                     FROM unnest($1::bigint[]) WITH ORDINALITY AS ids (key, n)
+                     CROSS JOIN generate_series(0, $2::int - 1) AS slot (i)
+                     CROSS JOIN LATERAL (
+                         SELECT temperature, humidity FROM {table}
+                         WHERE sensor_id = ids.key
+                           AND ingested_at > to_timestamp($3::float8 + slot.i * $4::float8)
+                           AND ingested_at <= to_timestamp($3::float8 + (slot.i + 1) * $4::float8)
+                         ORDER BY ingested_at DESC LIMIT 1) sample"
+                ),
+                &[&keys, &(recent.samples as i32), &recent.from, &recent.step],
+            )?;
+            for sample in &samples {
+                let n = sample.try_get::<_, i64>(0)? as usize - 1;
+                let i = sample.try_get::<_, i32>(1)? as usize;
+                rows[n].spark_temperature[i] = sample.try_get(2)?;
+                rows[n].spark_humidity[i] = sample.try_get(3)?;
+            }
+            Ok(rows)
+        })
+    }
+
+    fn sensor_key(&mut self, id: &SensorId) -> Result<Option<i64>, Error> {
+        self.read(|client, table| {
+            let key = match id {
+                SensorId::Int(key) => *key,
+                SensorId::Name(name) => {
+                    match client
+                        .query_opt("SELECT key FROM sensor_names WHERE name = $1", &[&&**name])?
+                    {
+                        Some(row) => row.try_get(0)?,
+                        None => return Ok(None),
+                    }
+                }
+            };
+            let stored: bool = client
+                .query_one(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE sensor_id = $1)"),
+                    &[&key],
+                )?
+                .try_get(0)?;
+            Ok(stored.then_some(key))
+        })
+    }
+
+    fn sensor_span(&mut self, key: i64) -> Result<Option<(f64, f64)>, Error> {
+        self.read(|client, table| {
+            let at = "EXTRACT(EPOCH FROM ingested_at)::float8";
+            let row = client.query_one(
+                &format!(
+                    "SELECT (SELECT {at} FROM {table} WHERE sensor_id = $1
+                             ORDER BY ingested_at LIMIT 1),
+                            (SELECT {at} FROM {table} WHERE sensor_id = $1
+                             ORDER BY ingested_at DESC LIMIT 1)"
+                ),
+                &[&key],
+            )?;
+            let first: Option<f64> = row.try_get(0)?;
+            let last: Option<f64> = row.try_get(1)?;
+            Ok(first.zip(last))
+        })
+    }
+
+    fn sensor_readings(
+        &mut self,
+        key: i64,
+        (from, to): (f64, f64),
+        sink: &mut dyn FnMut(RawReading<'_>),
+    ) -> Result<(), Error> {
+        self.read(|client, table| {
+            let params: [&(dyn ToSql + Sync); 3] = [&key, &from, &to];
+            let mut rows = client.query_raw(
+                &format!(
+                    "SELECT EXTRACT(EPOCH FROM ingested_at)::float8, temperature, humidity,
+                            extra::text
+                     FROM {table}
+                     WHERE sensor_id = $1 AND ingested_at >= to_timestamp($2::float8)
+                       AND ingested_at <= to_timestamp($3::float8)
+                     ORDER BY ingested_at"
+                ),
+                params,
+            )?;
+            while let Some(row) = rows.next()? {
+                sink(RawReading {
+                    at: row.try_get(0)?,
+                    temperature: row.try_get(1)?,
+                    humidity: row.try_get(2)?,
+                    extra: row.try_get(3)?,
+                });
+            }
+            Ok(())
+        })
+    }
+}
+
+impl PostgresStore {
+    /// Runs the dashboard read `work` on the connection (connecting first)
+    /// with the quoted table name; an error drops the connection and names
+    /// the table.
+    fn read<T>(
+        &mut self,
+        work: impl FnOnce(&mut Client, &str) -> Result<T, postgres::Error>,
+    ) -> Result<T, Error> {
+        let what = format!("cannot read table {} in {}", self.table, self.url);
+        let table = quoted(&self.table);
+        let client = self
+            .client()
+            .map_err(|e| Error::database(&what, e.cause()))?;
+        work(client, &table).map_err(|e| {
             self.disconnect();
             Error::database(what, cause(&e))
         })

@@ -25,10 +25,10 @@ use rusqlite::{
 };
 
 use super::{
-    BatchId, DEFAULT_TABLE, Expired, Filter, Imported, Interrupter, NameKeys, Options, Refusal,
-    SEQUENCE_COLUMNS, SensorSummary, SpillBatch, Store, Summary, add_extra_measurements,
-    attach_delivery, check_name_key, delivery_from_row, delivery_sql, per_sensor_sql,
-    stream_from_row,
+    BatchId, DEFAULT_TABLE, Expired, Filter, Imported, Interrupter, NameKeys, Options, RawReading,
+    Recent, Refusal, SEQUENCE_COLUMNS, SensorRow, SensorSummary, SpillBatch, Store, Summary,
+    add_extra_measurements, attach_delivery, check_name_key, delivery_from_row, delivery_sql,
+    per_sensor_sql, stream_from_row,
 };
 use crate::delivery::{StreamKey, StreamRecord, StreamUpdate};
 use crate::error::Error;
@@ -1370,6 +1370,170 @@ impl Store for SqliteStore {
 
     fn replaced(&self) -> bool {
         self.replaced
+    }
+
+    // The dashboard's reads: each statement is an index seek, or a range of
+    // one sensor's times, on its own short read transaction (autocommit),
+    // so none holds back the checkpointer for long.
+
+    fn sensor_list(&mut self, recent: &Recent) -> Result<Vec<SensorRow>, Error> {
+        let list = || -> rusqlite::Result<Vec<SensorRow>> {
+            let conn = &self.conn;
+            let mut next = conn.prepare_cached(
+                "SELECT sensor_id FROM sensor_measurements \
+                 WHERE sensor_id >= ?1 AND typeof(sensor_id) = 'integer' \
+                 ORDER BY sensor_id LIMIT 1",
+            )?;
+            let mut latest = conn.prepare_cached(&format!(
+                "SELECT {}, {}, {} FROM sensor_measurements \
+                 WHERE sensor_id = ?1 ORDER BY ingested_at DESC LIMIT 1",
+                numeric("ingested_at"),
+                numeric("temperature"),
+                numeric("humidity")
+            ))?;
+            let mut count = conn.prepare_cached(
+                "SELECT COUNT(*) FROM sensor_measurements \
+                 WHERE sensor_id = ?1 AND ingested_at >= ?2",
+            )?;
+            let mut sample = conn.prepare_cached(&format!(
+                "SELECT {}, {} FROM sensor_measurements \
+                 WHERE sensor_id = ?1 AND ingested_at > ?2 AND ingested_at <= ?3 \
+                 ORDER BY ingested_at DESC LIMIT 1",
+                numeric("temperature"),
+                numeric("humidity")
+            ))?;
+            let mut name = conn.prepare_cached("SELECT name FROM sensor_names WHERE key = ?1")?;
+            // A prefix of its primary key: one seek per sensor.
+            let mut delivery = conn.prepare_cached(&delivery_sql("sensor_id = ?1"))?;
+            let mut rows = Vec::new();
+            let mut from = Some(i64::MIN);
+            while let Some(at) = from {
+                let Some(key) = next.query_row([at], |r| r.get::<_, i64>(0)).optional()? else {
+                    break;
+                };
+                from = key.checked_add(1);
+                let (last_seen, temperature, humidity) = latest
+                    .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?
+                    .unwrap_or((None, None, None));
+                let named = if NAME_KEYS.contains(&key) {
+                    name.query_row([key], |r| r.get::<_, String>(0))
+                        .optional()?
+                } else {
+                    None
+                };
+                let id = named.map_or(SensorId::Int(key), |name| SensorId::Name(name.into()));
+                let mut row = SensorRow {
+                    id,
+                    last_seen: last_seen.unwrap_or(f64::NAN),
+                    temperature,
+                    humidity,
+                    recent: count.query_row(params![key, recent.from], |r| r.get::<_, i64>(0))?
+                        as u64,
+                    spark_temperature: Vec::with_capacity(recent.samples),
+                    spark_humidity: Vec::with_capacity(recent.samples),
+                    loss_ratio: delivery
+                        .query_row([key], |r| delivery_from_row(|i| r.get(i), |i| r.get(i)))
+                        .optional()?
+                        .map(|(_, d)| d.loss_ratio()),
+                };
+                for i in 0..recent.samples {
+                    let start = recent.from + i as f64 * recent.step;
+                    let (t, h) = sample
+                        .query_row(params![key, start, start + recent.step], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
+                        .optional()?
+                        .unwrap_or((None, None));
+                    row.spark_temperature.push(t);
+                    row.spark_humidity.push(h);
+                }
+                rows.push(row);
+            }
+            Ok(rows)
+        };
+        list().map_err(|e| self.read_error(&e))
+    }
+
+    fn sensor_key(&mut self, id: &SensorId) -> Result<Option<i64>, Error> {
+        let find = || -> rusqlite::Result<Option<i64>> {
+            let key = match id {
+                SensorId::Int(key) => *key,
+                SensorId::Name(name) => {
+                    match self
+                        .conn
+                        .prepare_cached("SELECT key FROM sensor_names WHERE name = ?1")?
+                        .query_row([&**name], |r| r.get(0))
+                        .optional()?
+                    {
+                        Some(key) => key,
+                        None => return Ok(None),
+                    }
+                }
+            };
+            let stored: bool = self
+                .conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM sensor_measurements WHERE sensor_id = ?1)",
+                )?
+                .query_row([key], |r| r.get(0))?;
+            Ok(stored.then_some(key))
+        };
+        find().map_err(|e| self.read_error(&e))
+    }
+
+    fn sensor_span(&mut self, key: i64) -> Result<Option<(f64, f64)>, Error> {
+        let at = numeric("ingested_at");
+        let span: rusqlite::Result<(Option<f64>, Option<f64>)> = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT (SELECT {at} FROM sensor_measurements WHERE sensor_id = ?1
+                         ORDER BY ingested_at LIMIT 1),
+                        (SELECT {at} FROM sensor_measurements WHERE sensor_id = ?1
+                         ORDER BY ingested_at DESC LIMIT 1)"
+            ))
+            .and_then(|mut s| s.query_row([key], |r| Ok((r.get(0)?, r.get(1)?))));
+        let (first, last) = span.map_err(|e| self.read_error(&e))?;
+        Ok(first.zip(last))
+    }
+
+    fn sensor_readings(
+        &mut self,
+        key: i64,
+        (from, to): (f64, f64),
+        sink: &mut dyn FnMut(RawReading<'_>),
+    ) -> Result<(), Error> {
+        let mut read = || -> rusqlite::Result<()> {
+            let mut statement = self.conn.prepare_cached(&format!(
+                "SELECT {}, {}, {}, extra FROM sensor_measurements \
+                 WHERE sensor_id = ?1 AND ingested_at >= ?2 AND ingested_at <= ?3 \
+                 ORDER BY ingested_at",
+                numeric("ingested_at"),
+                numeric("temperature"),
+                numeric("humidity")
+            ))?;
+            let mut rows = statement.query(params![key, from, to])?;
+            while let Some(row) = rows.next()? {
+                let Some(at) = row.get::<_, Option<f64>>(0)? else {
+                    continue;
+                };
+                sink(RawReading {
+                    at,
+                    temperature: row.get(1)?,
+                    humidity: row.get(2)?,
+                    extra: row.get_ref(3)?.as_str_or_null().ok().flatten(),
+                });
+            }
+            Ok(())
+        };
+        read().map_err(|e| self.read_error(&e))
+    }
+}
+
+impl SqliteStore {
+    /// A failed dashboard read, naming the file.
+    fn read_error(&self, e: &rusqlite::Error) -> Error {
+        Error::database(format!("cannot read {}", self.path), cause(e))
     }
 }
 

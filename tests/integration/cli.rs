@@ -194,12 +194,17 @@ fn suppressed_warnings_are_reported_without_a_later_one() {
 }
 
 /// The demo, run as a user would with a short DEMO_SECONDS: it stores what
-/// the sensor sent, exits 0, and ends with the compact summary.
+/// the sensor sent, prints the dashboard's URL, exits 0, and ends with the
+/// compact summary.
 #[test]
 fn demo_ends_with_the_compact_summary() {
     let scratch = Scratch::new();
     let port = {
         let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port().to_string()
+    };
+    let http_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().port().to_string()
     };
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo.sh");
@@ -208,6 +213,7 @@ fn demo_ends_with_the_compact_summary() {
         .env("SENSORD_BIN", bin())
         .env("DEMO_SECONDS", "2")
         .env("DEMO_PORT", &port)
+        .env("DEMO_HTTP_PORT", &http_port)
         .current_dir(scratch.path())
         .output()
         .unwrap();
@@ -217,6 +223,12 @@ fn demo_ends_with_the_compact_summary() {
     assert!(stderr.contains("shutdown complete:"), "{stderr}");
     assert!(
         stdout.contains("demo: server exited with status 0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "demo: open the dashboard: http://127.0.0.1:{http_port}/"
+        )),
         "{stdout}"
     );
     assert!(stdout.contains("busiest of"), "{stdout}");

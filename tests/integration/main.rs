@@ -3,6 +3,7 @@
 //! does, so the binary is built once.
 
 mod cli;
+mod dashboard;
 mod delivery;
 mod faults;
 mod hardening;
