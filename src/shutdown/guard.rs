@@ -264,6 +264,14 @@ impl ShutdownGuard {
         mut uncommitted: Uncommitted,
         deadline: Instant,
     ) -> Option<Uncommitted> {
+        // Sequenced readings are admitted in arrival order before sorting,
+        // on the flusher, which can load their streams. Without any, the
+        // rest is sorted here and written as it is: no copy of it is made.
+        // The receiver has stopped, so the second core is free to sort.
+        let sequenced = uncommitted.rest.iter().any(|r| r.sequence().is_some());
+        if !sequenced {
+            store::sort_for_index_on_two_threads(&mut uncommitted.rest);
+        }
         let started = Instant::now();
         let shared = Arc::clone(&self.shared);
         let rest = Arc::new(std::mem::take(&mut uncommitted.rest));
@@ -280,11 +288,14 @@ impl ShutdownGuard {
                         outcome.retry_refused =
                             Some(store.write_batch(*id, &batch.readings, &batch.streams)?);
                     }
-                    if !rest_for_flusher.is_empty() {
+                    if sequenced {
                         let batch = admit(&shared, &mut **store, &rest_for_flusher)?;
                         let written = store.write_batch(id, &batch.readings, &batch.streams);
                         outcome.rest = Some(batch);
                         outcome.rest_refused = Some(written?);
+                    } else if !rest_for_flusher.is_empty() {
+                        outcome.rest_refused =
+                            Some(store.write_batch(id, &rest_for_flusher, &[])?);
                     }
                     Ok(())
                 })();
@@ -337,7 +348,11 @@ impl ShutdownGuard {
                 self.shared.count_admitted(&batch.admitted);
                 uncommitted.rest = batch.readings;
             }
-            _ => uncommitted.rest = Arc::unwrap_or_clone(rest),
+            (None, Some(refused)) => {
+                self.shared.committed(rest.len(), refused);
+                committed += rest.len() - refused.len();
+            }
+            (None, None) => uncommitted.rest = Arc::unwrap_or_clone(rest),
         }
         Ledger::add(&self.shared.ledger.flushed_at_shutdown, committed as u64);
         match result {
@@ -409,26 +424,16 @@ struct FlushBatch {
 }
 
 /// Admits `rest` (in arrival order, loading the streams it needs) and
-/// sorts what it keeps. Readings without sequence numbers pass as they are.
+/// sorts what it keeps.
 fn admit(
     shared: &Shared,
     store: &mut dyn store::Store,
     rest: &[Reading],
 ) -> Result<FlushBatch, Error> {
-    let (mut readings, streams, admitted) = if rest.iter().any(|r| r.sequence().is_some()) {
-        shared.load_streams(store, rest)?;
-        let mut admitted = lock(&shared.delivery).admit(rest.to_vec());
-        let readings = std::mem::take(&mut admitted.readings);
-        let streams = std::mem::take(&mut admitted.streams);
-        (readings, streams, admitted)
-    } else {
-        (
-            rest.to_vec(),
-            Vec::new(),
-            crate::delivery::Admitted::default(),
-        )
-    };
-    // The receiver has stopped, so the second core is free to sort.
+    shared.load_streams(store, rest)?;
+    let mut admitted = lock(&shared.delivery).admit(rest.to_vec());
+    let mut readings = std::mem::take(&mut admitted.readings);
+    let streams = std::mem::take(&mut admitted.streams);
     store::sort_for_index_on_two_threads(&mut readings);
     Ok(FlushBatch {
         readings,

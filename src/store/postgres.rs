@@ -518,7 +518,6 @@ impl PostgresStore {
         let table = self.table.clone();
         // Stored as bigint: the bits matter, not the sign.
         let (run, seq) = (id.run as i64, id.seq as i64);
-        let copy = copy_statement(&self.table);
         self.client()?;
         let client = self.client.as_mut().expect("connected above");
         let names = &mut self.names;
@@ -533,9 +532,9 @@ impl PostgresStore {
             }
             resolve_names(&mut tx, names, readings)?;
             let refused = if isolate {
-                insert_isolating(&mut tx, &copy, names, readings)?
+                insert_isolating(&mut tx, &table, names, readings)?
             } else {
-                copy_in(&mut tx, &copy, names, readings)?;
+                copy_in(&mut tx, &table, names, readings)?;
                 Vec::new()
             };
             save_streams(&mut tx, names, &table, streams)?;
@@ -565,7 +564,6 @@ impl PostgresStore {
         batches: &[SpillBatch],
         streams: &[StreamUpdate],
     ) -> Result<Option<Imported>, Failure> {
-        let copy = copy_statement(&self.table);
         let table = self.table.clone();
         let in_file: usize = batches.iter().map(|b| b.readings.len()).sum();
         self.client()?;
@@ -603,9 +601,9 @@ impl PostgresStore {
             }
             resolve_names(&mut tx, names, &readings)?;
             let refused = if isolate {
-                insert_isolating(&mut tx, &copy, names, &readings)?
+                insert_isolating(&mut tx, &table, names, &readings)?
             } else {
-                copy_in(&mut tx, &copy, names, &readings)?;
+                copy_in(&mut tx, &table, names, &readings)?;
                 Vec::new()
             };
             save_streams(&mut tx, names, &table, streams)?;
@@ -927,38 +925,62 @@ impl ToSql for Jsonb<'_> {
     to_sql_checked!();
 }
 
-/// The `COPY` statement that loads readings into `table`.
-fn copy_statement(table: &str) -> String {
+/// The `COPY` statement that loads readings into `table`, with the `seq`
+/// and `boot` columns if `sequenced` (else they are left NULL, and not sent
+/// for every row).
+fn copy_statement(table: &str, sequenced: bool) -> String {
     format!(
-        "COPY {} (sensor_id, temperature, humidity, ingested_at, received_at, extra, seq, boot) \
+        "COPY {} (sensor_id, temperature, humidity, ingested_at, received_at, extra{}) \
          FROM STDIN (FORMAT binary)",
-        quoted(table)
+        quoted(table),
+        if sequenced { ", seq, boot" } else { "" }
     )
 }
 
-/// Streams `readings` into the table through `copy` (a `copy_statement`);
-/// their names have keys in `names`. A missing value is NULL.
+/// Streams `readings` into `table` by binary `COPY`; their names have keys
+/// in `names`. A missing value is NULL.
 fn copy_in(
     tx: &mut Transaction<'_>,
-    copy: &str,
+    table: &str,
     names: &NameKeys,
     readings: &[Reading],
 ) -> Result<(), postgres::Error> {
-    let types = COLUMNS.map(|(_, column_type, _)| column_type);
-    let mut writer = BinaryCopyInWriter::new(tx.copy_in(copy)?, &types);
+    let sequenced = readings.iter().any(|r| r.sequence().is_some());
+    let columns = if sequenced {
+        COLUMNS.len()
+    } else {
+        COLUMNS.len() - 2
+    };
+    let types: Vec<Type> = COLUMNS[..columns]
+        .iter()
+        .map(|(_, column_type, _)| column_type.clone())
+        .collect();
+    let copy = copy_statement(table, sequenced);
+    let mut writer = BinaryCopyInWriter::new(tx.copy_in(&copy)?, &types);
     for r in readings {
         let sequence = r.sequence();
-        writer.write(&[
-            &names.key(r.sensor()),
+        let (key, at, received) = (
+            names.key(r.sensor()),
+            timestamp(r.ingested_at),
+            timestamp(r.received_at),
+        );
+        let extra = r.extra().map(|e| Jsonb(e.as_str()));
+        // Both at most `MAX_SEQ`: they fit an i64.
+        let (seq, boot) = (
+            sequence.map(|s| s.seq as i64),
+            sequence.map(|s| s.boot as i64),
+        );
+        let row: [&(dyn ToSql + Sync); 8] = [
+            &key,
             &r.temperature(),
             &r.humidity(),
-            &timestamp(r.ingested_at),
-            &timestamp(r.received_at),
-            &r.extra().map(|e| Jsonb(e.as_str())),
-            // Both at most `MAX_SEQ`: they fit an i64.
-            &sequence.map(|s| s.seq as i64),
-            &sequence.map(|s| s.boot as i64),
-        ])?;
+            &at,
+            &received,
+            &extra,
+            &seq,
+            &boot,
+        ];
+        writer.write(&row[..columns])?;
     }
     writer.finish()?;
     Ok(())
@@ -970,7 +992,7 @@ fn copy_in(
 /// readings. k refused readings among n cost about 2k·log2(n) `COPY`s.
 fn insert_isolating(
     tx: &mut Transaction<'_>,
-    copy: &str,
+    table: &str,
     names: &NameKeys,
     readings: &[Reading],
 ) -> Result<Vec<Refusal>, postgres::Error> {
@@ -981,7 +1003,7 @@ fn insert_isolating(
             continue;
         }
         let mut savepoint = tx.savepoint("sensord_isolate")?;
-        match copy_in(&mut savepoint, copy, names, part) {
+        match copy_in(&mut savepoint, table, names, part) {
             Ok(()) => savepoint.commit()?,
             Err(e) if is_permanent(&e) => {
                 savepoint.rollback()?;
