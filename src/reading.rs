@@ -41,7 +41,8 @@ pub const MAX_EXTRA_BYTES: usize = 1024;
 /// The largest `seq` and `boot`: they are stored as signed 64-bit integers.
 pub const MAX_SEQ: u64 = i64::MAX as u64;
 
-/// `Reading::seq` when the sensor sent no sequence number.
+/// `Labels::sequence`'s `seq` when a `boot` came without one (a spill line
+/// `check` must refuse).
 const NO_SEQ: u64 = u64::MAX;
 
 /// Where a reading stands in its sensor's stream: the run of the sensor's
@@ -61,14 +62,16 @@ pub fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// One validated sensor reading, as queued, sorted and stored: 64 bytes,
+/// One validated sensor reading, as queued, sorted and stored: 48 bytes,
 /// packed because the channel, the batches, the sort and the final flush
 /// move every reading several times. Unpacked (80 bytes: `Option`s and two
 /// boxes) the final flush of a million took 0.513 s against main's 0.480;
 /// packed, 0.490 against 0.488, and peak RSS 36.4 MiB instead of 40
 /// (`scripts/bench.sh`; docs/decisions/real-sensors.md). The original
-/// datagram's reading holds no heap memory. Sequence numbers added 16
-/// bytes (one cache line in all); see docs/decisions/sequence-numbers.md.
+/// datagram's reading holds no heap memory. A sequenced reading keeps its
+/// `seq` and `boot` in the box too: in the reading itself they made every
+/// reading 64 bytes and the final flush of a million unsequenced ones
+/// 0.05 s slower (docs/decisions/sequence-numbers.md).
 ///
 /// Build one from `ReadingParts`; read the sensor and the measurements
 /// through the accessors, which say what the packing means.
@@ -85,21 +88,18 @@ pub struct Reading {
     pub ingested_at: f64,
     /// Unix seconds when the datagram reached sensord.
     pub received_at: f64,
-    /// The sensor's name and extra fields; None (no allocation) when it has
-    /// neither, as for the original datagram.
+    /// The sensor's name, extra fields and sequence number; None (no
+    /// allocation) when it has none, as for the original datagram.
     labels: Option<Box<Labels>>,
-    /// The sequence number; `NO_SEQ` when the sensor sent none.
-    seq: u64,
-    /// The sensor's boot; 0 without a sequence number.
-    boot: u64,
 }
 
-/// What a reading holds besides numbers, boxed together so that a reading
-/// without either costs one pointer.
+/// What a reading holds besides measurements and times, boxed together so
+/// that a reading without any costs one pointer.
 #[derive(Clone)]
 struct Labels {
     name: Option<Box<str>>,
     extra: Option<Extra>,
+    sequence: Option<Sequence>,
 }
 
 /// A reading's fields unpacked: how one is built, and its spill line form.
@@ -134,10 +134,20 @@ impl From<ReadingParts> for Reading {
             SensorId::Int(id) => (id, None),
             SensorId::Name(name) => (0, Some(name)),
         };
-        let labels = (name.is_some() || parts.extra.is_some()).then(|| {
+        // A `boot` without `seq` is kept apart, so `check` can refuse it.
+        let sequence = match (parts.seq, parts.boot) {
+            (Some(seq), boot) => Some(Sequence {
+                seq,
+                boot: boot.unwrap_or(0),
+            }),
+            (None, Some(boot)) => Some(Sequence { seq: NO_SEQ, boot }),
+            (None, None) => None,
+        };
+        let labels = (name.is_some() || parts.extra.is_some() || sequence.is_some()).then(|| {
             Box::new(Labels {
                 name,
                 extra: parts.extra,
+                sequence,
             })
         });
         Reading {
@@ -147,9 +157,6 @@ impl From<ReadingParts> for Reading {
             ingested_at: parts.ingested_at,
             received_at: parts.received_at,
             labels,
-            // A `boot` without `seq` is kept apart, so `check` can refuse it.
-            seq: parts.seq.unwrap_or(NO_SEQ),
-            boot: parts.boot.unwrap_or(0),
         }
     }
 }
@@ -177,10 +184,7 @@ impl Reading {
 
     /// The reading's boot and number, if the sensor numbers its readings.
     pub fn sequence(&self) -> Option<Sequence> {
-        (self.seq != NO_SEQ).then_some(Sequence {
-            boot: self.boot,
-            seq: self.seq,
-        })
+        self.labels.as_deref()?.sequence.filter(|s| s.seq != NO_SEQ)
     }
 
     /// The sensor's other fields, if it sent any (and they are kept).
@@ -223,14 +227,16 @@ impl Reading {
         if self.temperature().is_none() && self.humidity().is_none() && !numeric_extra {
             return Err(Rejection::NoMeasurement);
         }
-        if self.seq == NO_SEQ && self.boot != 0 {
-            return Err(Rejection::Missing(Field::Seq));
-        }
-        if self.seq > MAX_SEQ && self.seq != NO_SEQ {
-            return Err(Rejection::OutOfRange(Field::Seq));
-        }
-        if self.boot > MAX_SEQ {
-            return Err(Rejection::OutOfRange(Field::Boot));
+        if let Some(s) = self.labels.as_deref().and_then(|l| l.sequence) {
+            if s.seq == NO_SEQ {
+                return Err(Rejection::Missing(Field::Seq));
+            }
+            if s.seq > MAX_SEQ {
+                return Err(Rejection::OutOfRange(Field::Seq));
+            }
+            if s.boot > MAX_SEQ {
+                return Err(Rejection::OutOfRange(Field::Boot));
+            }
         }
         Ok(())
     }
@@ -1436,11 +1442,11 @@ mod tests {
         assert!(spilled.ends_with(r#","seq":5,"boot":2}"#), "{spilled}");
     }
 
-    /// A reading stays packed in 64 bytes, and the original datagram's
+    /// A reading stays packed in 48 bytes, and the original datagram's
     /// holds no heap memory.
     #[test]
     fn reading_is_packed() {
-        assert_eq!(std::mem::size_of::<Reading>(), 64);
+        assert_eq!(std::mem::size_of::<Reading>(), 48);
         let r = one(r#"{"sensor_id": 42, "temperature": 21.5, "humidity": 7.2}"#);
         assert!(r.labels.is_none());
     }

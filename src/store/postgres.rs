@@ -925,15 +925,12 @@ impl ToSql for Jsonb<'_> {
     to_sql_checked!();
 }
 
-/// The `COPY` statement that loads readings into `table`, with the `seq`
-/// and `boot` columns if `sequenced` (else they are left NULL, and not sent
-/// for every row).
-fn copy_statement(table: &str, sequenced: bool) -> String {
+/// The `COPY` statement that loads readings into `table`.
+fn copy_statement(table: &str) -> String {
     format!(
-        "COPY {} (sensor_id, temperature, humidity, ingested_at, received_at, extra{}) \
+        "COPY {} (sensor_id, temperature, humidity, ingested_at, received_at, extra, seq, boot) \
          FROM STDIN (FORMAT binary)",
-        quoted(table),
-        if sequenced { ", seq, boot" } else { "" }
+        quoted(table)
     )
 }
 
@@ -945,42 +942,21 @@ fn copy_in(
     names: &NameKeys,
     readings: &[Reading],
 ) -> Result<(), postgres::Error> {
-    let sequenced = readings.iter().any(|r| r.sequence().is_some());
-    let columns = if sequenced {
-        COLUMNS.len()
-    } else {
-        COLUMNS.len() - 2
-    };
-    let types: Vec<Type> = COLUMNS[..columns]
-        .iter()
-        .map(|(_, column_type, _)| column_type.clone())
-        .collect();
-    let copy = copy_statement(table, sequenced);
-    let mut writer = BinaryCopyInWriter::new(tx.copy_in(&copy)?, &types);
+    let types = COLUMNS.map(|(_, column_type, _)| column_type);
+    let mut writer = BinaryCopyInWriter::new(tx.copy_in(&copy_statement(table))?, &types);
     for r in readings {
         let sequence = r.sequence();
-        let (key, at, received) = (
-            names.key(r.sensor()),
-            timestamp(r.ingested_at),
-            timestamp(r.received_at),
-        );
-        let extra = r.extra().map(|e| Jsonb(e.as_str()));
-        // Both at most `MAX_SEQ`: they fit an i64.
-        let (seq, boot) = (
-            sequence.map(|s| s.seq as i64),
-            sequence.map(|s| s.boot as i64),
-        );
-        let row: [&(dyn ToSql + Sync); 8] = [
-            &key,
+        writer.write(&[
+            &names.key(r.sensor()),
             &r.temperature(),
             &r.humidity(),
-            &at,
-            &received,
-            &extra,
-            &seq,
-            &boot,
-        ];
-        writer.write(&row[..columns])?;
+            &timestamp(r.ingested_at),
+            &timestamp(r.received_at),
+            &r.extra().map(|e| Jsonb(e.as_str())),
+            // Both at most `MAX_SEQ`: they fit an i64.
+            &sequence.map(|s| s.seq as i64),
+            &sequence.map(|s| s.boot as i64),
+        ])?;
     }
     writer.finish()?;
     Ok(())

@@ -130,32 +130,21 @@ const BATCH_ID_RETENTION_SECONDS: f64 = 7.0 * 86_400.0;
 /// million readings.
 const ROWS_PER_INSERT: usize = 64;
 
-/// The INSERTs `insert_all` runs, their SQL built once: without `seq` and
-/// `boot` for a batch with no sequenced reading (binding the two NULLs to a
-/// million rows added about 0.09 s to the final flush), with them else.
-static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT, false));
-static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1, false));
-static INSERT_MANY_SEQUENCED: LazyLock<String> =
-    LazyLock::new(|| insert_sql(ROWS_PER_INSERT, true));
-static INSERT_ONE_SEQUENCED: LazyLock<String> = LazyLock::new(|| insert_sql(1, true));
+/// The two INSERTs `insert_all` runs, their SQL built once.
+static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
+static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
 
-/// `INSERT ... VALUES (?, ?, ?, ?, ?, ?), ...` with `rows` rows, and the
-/// `seq` and `boot` columns if `sequenced`. OR FAIL, as
+/// `INSERT ... VALUES (?, ?, ?, ?, ?, ?, ?, ?), ...` with `rows` rows. OR FAIL, as
 /// no constraint can fail on validated readings in sensord's own table,
 /// spares SQLite the statement journal it keeps to undo half a multi-row
 /// statement. A failure leaves the statement's earlier rows in place, so
 /// the fast path drops the whole transaction on any error, and bisection
 /// runs each slice under a savepoint whose rollback undoes them.
-fn insert_sql(rows: usize, sequenced: bool) -> String {
-    let (columns, row) = if sequenced {
-        (", seq, boot", "(?, ?, ?, ?, ?, ?, ?, ?)")
-    } else {
-        ("", "(?, ?, ?, ?, ?, ?)")
-    };
-    let values = vec![row; rows].join(", ");
+fn insert_sql(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
     format!(
         "INSERT OR FAIL INTO sensor_measurements \
-         (sensor_id, temperature, humidity, ingested_at, received_at, extra{columns}) \
+         (sensor_id, temperature, humidity, ingested_at, received_at, extra, seq, boot) \
          VALUES {values}"
     )
 }
@@ -770,28 +759,22 @@ fn insert_all(
     names: &NameKeys,
     interrupted: &AtomicBool,
 ) -> rusqlite::Result<()> {
-    let sequenced = readings.iter().any(|r| r.sequence().is_some());
-    let (many, one) = if sequenced {
-        (&*INSERT_MANY_SEQUENCED, &*INSERT_ONE_SEQUENCED)
-    } else {
-        (&*INSERT_MANY, &*INSERT_ONE)
-    };
-    let mut insert = conn.prepare_cached(many)?;
+    let mut insert = conn.prepare_cached(&INSERT_MANY)?;
     let mut rows = readings.chunks_exact(ROWS_PER_INSERT);
     for (i, group) in rows.by_ref().enumerate() {
         if i % 16 == 0 && interrupted.load(Ordering::Relaxed) {
             return Err(interrupted_error());
         }
-        bind_rows(&mut insert, group, names, sequenced)?;
+        bind_rows(&mut insert, group, names)?;
         insert.raw_execute()?;
     }
     // The rest one row at a time, with a statement also compiled once:
     // a trickle's small batches would otherwise each compile their own.
     let rest = rows.remainder();
     if !rest.is_empty() {
-        let mut insert = conn.prepare_cached(one)?;
+        let mut insert = conn.prepare_cached(&INSERT_ONE)?;
         for row in rest.chunks(1) {
-            bind_rows(&mut insert, row, names, sequenced)?;
+            bind_rows(&mut insert, row, names)?;
             insert.raw_execute()?;
         }
     }
@@ -845,29 +828,25 @@ fn isolate(
     Ok(())
 }
 
-/// Binds `rows` to the parameters of an INSERT made by `insert_sql` with
-/// the same `sequenced`. A missing measurement, `extra` or sequence is NULL.
+/// Binds `rows` to the parameters of an INSERT made by `insert_sql`. A
+/// missing measurement, `extra` or sequence is NULL.
 fn bind_rows(
     insert: &mut rusqlite::Statement<'_>,
     rows: &[Reading],
     names: &NameKeys,
-    sequenced: bool,
 ) -> rusqlite::Result<()> {
-    let columns = if sequenced { 8 } else { 6 };
     for (i, r) in rows.iter().enumerate() {
-        let at = columns * i;
+        let at = 8 * i;
+        let sequence = r.sequence();
         insert.raw_bind_parameter(at + 1, names.key(r.sensor()))?;
         insert.raw_bind_parameter(at + 2, r.temperature())?;
         insert.raw_bind_parameter(at + 3, r.humidity())?;
         insert.raw_bind_parameter(at + 4, r.ingested_at)?;
         insert.raw_bind_parameter(at + 5, r.received_at)?;
         insert.raw_bind_parameter(at + 6, r.extra().map(|e| e.as_str()))?;
-        if sequenced {
-            let sequence = r.sequence();
-            // Both at most `MAX_SEQ`: they fit an i64.
-            insert.raw_bind_parameter(at + 7, sequence.map(|s| s.seq as i64))?;
-            insert.raw_bind_parameter(at + 8, sequence.map(|s| s.boot as i64))?;
-        }
+        // Both at most `MAX_SEQ`: they fit an i64.
+        insert.raw_bind_parameter(at + 7, sequence.map(|s| s.seq as i64))?;
+        insert.raw_bind_parameter(at + 8, sequence.map(|s| s.boot as i64))?;
     }
     Ok(())
 }
