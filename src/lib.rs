@@ -16,8 +16,9 @@
 //! - `delivery`: exactly-once for sequenced readings: a duplicate window
 //!   and loss counters per sensor and boot. Pure logic; the persister
 //!   loads and commits its state through the store.
-//! - `acks`: acknowledgements sent after a commit, within what each source
-//!   has sent (no amplification).
+//! - `acks`: the `Chunk` the receiver hands the persister, with the acks
+//!   its datagrams are owed; acks are sent after their readings' commit,
+//!   within what each source has sent (no amplification).
 //! - `store`: the `Store` trait and its SQLite and PostgreSQL
 //!   implementations. SQL only.
 //! - `spill`: the spill file written when the final flush cannot commit
@@ -39,8 +40,7 @@
 //!
 //! Dependencies flow one way: main → server/client/stats →
 //! http/receiver/persister/retention/shutdown → acks/store/spill/delivery/
-//! reading/ledger
-//! → error.
+//! reading/ledger → error.
 
 pub mod acks;
 pub mod client;
