@@ -22,7 +22,8 @@ use crate::reading::{Reading, Sensor, SensorId, Sequence};
 pub const WINDOW: u64 = 16_384;
 const WORDS: usize = (WINDOW / 64) as usize;
 
-/// The most streams kept in memory (64 MiB of windows at most). Beyond it
+/// The most streams kept in memory (64 MiB of windows at most; a stream
+/// without gaps holds none). Beyond it
 /// the ones heard from longest ago are dropped; their state is in the
 /// database and is loaded again if they speak.
 const MAX_STREAMS: usize = 32_768;
@@ -107,14 +108,18 @@ pub enum Verdict {
 struct Stream {
     record: StreamRecord,
     /// Bit `seq % WINDOW` is set if `seq`, within the window, was received.
-    bits: Box<[u64; WORDS]>,
+    /// None while every sequence number from `window_start` to `highest`
+    /// was received, as for a stream without gaps: the 2 KiB are only
+    /// allocated when a reading is missing or arrives out of order, so a
+    /// flood of one-reading streams costs a record each, not a window.
+    bits: Option<Box<[u64; WORDS]>>,
     /// Changed since its state was last handed to the store.
     dirty: bool,
 }
 
 impl Stream {
     fn first(seq: u64, at: f64) -> Stream {
-        let mut stream = Stream {
+        Stream {
             record: StreamRecord {
                 base: seq,
                 highest: seq,
@@ -126,27 +131,30 @@ impl Stream {
                 last_seen: at,
                 missing: Vec::new(),
             },
-            bits: Box::new([0; WORDS]),
+            bits: None,
             dirty: true,
-        };
-        stream.set(seq);
-        stream
+        }
     }
 
     fn from_record(record: StreamRecord) -> Stream {
         let mut stream = Stream {
-            bits: Box::new([0; WORDS]),
+            bits: None,
             record,
             dirty: false,
         };
-        let mut missing = stream.record.missing.clone().into_iter().peekable();
+        if stream.record.missing.is_empty() {
+            return stream;
+        }
+        let mut bits = Box::new([0; WORDS]);
+        let mut missing = stream.record.missing.iter().copied().peekable();
         for seq in stream.window_start()..=stream.record.highest {
             while missing.next_if(|&(_, hi)| hi < seq).is_some() {}
             let gap = missing.peek().is_some_and(|&(lo, _)| lo <= seq);
             if !gap {
-                stream.set(seq);
+                set_bit(&mut bits, seq);
             }
         }
+        stream.bits = Some(bits);
         stream
     }
 
@@ -158,19 +166,27 @@ impl Stream {
             .max(self.record.highest.saturating_sub(WINDOW - 1))
     }
 
-    fn set(&mut self, seq: u64) {
-        let bit = seq % WINDOW;
-        self.bits[(bit / 64) as usize] |= 1 << (bit % 64);
+    /// The bitmap, made from the dense state if there is none yet.
+    fn bits(&mut self) -> &mut [u64; WORDS] {
+        let (start, highest) = (self.window_start(), self.record.highest);
+        self.bits.get_or_insert_with(|| {
+            let mut bits = Box::new([0; WORDS]);
+            for seq in start..=highest {
+                set_bit(&mut bits, seq);
+            }
+            bits
+        })
     }
 
-    fn clear(&mut self, seq: u64) {
-        let bit = seq % WINDOW;
-        self.bits[(bit / 64) as usize] &= !(1 << (bit % 64));
-    }
-
+    /// Whether `seq`, within the window, was received.
     fn get(&self, seq: u64) -> bool {
-        let bit = seq % WINDOW;
-        self.bits[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+        match &self.bits {
+            Some(bits) => {
+                let bit = seq % WINDOW;
+                bits[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+            }
+            None => seq >= self.window_start() && seq <= self.record.highest,
+        }
     }
 
     fn observe(&mut self, seq: u64, at: f64) -> Verdict {
@@ -178,16 +194,19 @@ impl Stream {
         self.record.last_seen = self.record.last_seen.max(at);
         let highest = self.record.highest;
         if seq > highest {
-            if seq - highest >= WINDOW {
-                self.bits.fill(0);
-            } else {
-                for s in highest + 1..seq {
-                    self.clear(s);
+            if self.bits.is_some() || seq > highest + 1 {
+                let bits = self.bits();
+                if seq - highest >= WINDOW {
+                    bits.fill(0);
+                } else {
+                    for s in highest + 1..seq {
+                        clear_bit(bits, s);
+                    }
                 }
+                set_bit(bits, seq);
             }
             self.record.highest = seq;
             self.record.received += 1;
-            self.set(seq);
             Verdict::New
         } else if highest - seq >= WINDOW {
             self.record.late += 1;
@@ -196,11 +215,11 @@ impl Stream {
             self.record.duplicates += 1;
             Verdict::Duplicate
         } else {
+            set_bit(self.bits(), seq);
             let r = &mut self.record;
             r.received += 1;
             r.reordered += 1;
             r.base = r.base.min(seq);
-            self.set(seq);
             Verdict::New
         }
     }
@@ -217,15 +236,15 @@ impl Stream {
     fn snapshot(&self) -> StreamRecord {
         let mut record = self.record.clone();
         record.missing.clear();
+        let Some(bits) = &self.bits else {
+            return record;
+        };
         let mut open: Option<u64> = None;
         let (start, highest) = (self.window_start(), self.record.highest);
         let mut seq = start;
         while seq <= highest {
             // A whole word received: skip it.
-            if seq % 64 == 0
-                && highest - seq >= 63
-                && self.bits[((seq % WINDOW) / 64) as usize] == !0
-            {
+            if seq % 64 == 0 && highest - seq >= 63 && bits[((seq % WINDOW) / 64) as usize] == !0 {
                 if let Some(lo) = open.take() {
                     record.missing.push((lo, seq - 1));
                 }
@@ -247,6 +266,16 @@ impl Stream {
         }
         record
     }
+}
+
+fn set_bit(bits: &mut [u64; WORDS], seq: u64) {
+    let bit = seq % WINDOW;
+    bits[(bit / 64) as usize] |= 1 << (bit % 64);
+}
+
+fn clear_bit(bits: &mut [u64; WORDS], seq: u64) {
+    let bit = seq % WINDOW;
+    bits[(bit / 64) as usize] &= !(1 << (bit % 64));
 }
 
 /// A stream whose state changed, as it now is.
