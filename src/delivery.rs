@@ -494,6 +494,20 @@ mod tests {
         assert_eq!(b.streams[0].record.missing, expected);
     }
 
+    /// Streams without gaps hold no bitmap: a flood of one-reading streams
+    /// costs a record each. A gap, or a reading out of order, makes one.
+    #[test]
+    fn only_streams_with_gaps_hold_a_window() {
+        let mut d = Delivery::new();
+        d.admit((0..10_000).map(|sensor| reading(sensor, 1, 7)).collect());
+        d.admit((0..100).map(|s| reading(10_001, 1, s)).collect());
+        assert!(d.streams.values().all(|s| s.bits.is_none()));
+        d.admit(vec![reading(1, 1, 9)]);
+        d.admit(vec![reading(2, 1, 3)]);
+        let windows = d.streams.values().filter(|s| s.bits.is_some()).count();
+        assert_eq!(windows, 2);
+    }
+
     /// The window as the simplest thing that could work: every sequence
     /// number ever received, in a set.
     #[derive(Default)]
