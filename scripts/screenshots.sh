@@ -4,7 +4,7 @@
 # (sequenced, as `sensord send` does), one that lost some readings on the
 # way, and one silent for ten minutes.
 #
-# Usage: scripts/screenshots.sh   (about SHOT_SECONDS, default 60, plus a build)
+# Usage: scripts/screenshots.sh   (about SHOT_SECONDS, default 180, plus a build)
 # Environment: SHOT_SECONDS; SENSORD_BIN runs that binary instead of building.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,7 +35,7 @@ http=$(grep -o 'http on [0-9.:]*' "$work/serve.log" | cut -d' ' -f3)
 pids+=($!)
 # "cellar" skips every seventh seq (lost on the way); "attic" was last
 # heard from ten minutes ago.
-python3 - "$udp" "${SHOT_SECONDS:-60}" <<'PY'
+python3 - "$udp" "${SHOT_SECONDS:-180}" <<'PY'
 import json, socket, sys, time
 host, port = sys.argv[1].rsplit(":", 1)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -58,5 +58,5 @@ shot() {
         --virtual-time-budget=8000 --screenshot="$1" "$3" 2>/dev/null
 }
 shot docs/dashboard.png 1250 "http://$http/"
-shot docs/sensor.png 1100 "http://$http/#sensor=7&window=900"
+shot docs/sensor.png 1250 "http://$http/#sensor=cellar&window=900"
 echo "screenshots: wrote docs/dashboard.png and docs/sensor.png"
