@@ -146,9 +146,12 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<Sent, Error> {
         sent: Sent::default(),
         refused: 0,
     };
+    // Reliable: reads of acks never block (`wait` polls), and a send the
+    // socket's buffer cannot take goes out again when its timer expires.
+    // Otherwise sends block, so a blast loses nothing in this process.
     client
         .socket
-        .set_nonblocking(true)
+        .set_nonblocking(config.reliable)
         .map_err(|source| Error::Io {
             what: "make the socket non-blocking",
             source,
@@ -314,8 +317,8 @@ impl Client {
                 self.refused += 1;
                 Ok(())
             }
-            // The socket's send buffer is full: the datagram is lost, as
-            // on the network; a reliable send retransmits it.
+            // Reliable only (the socket is non-blocking): the send buffer
+            // is full; the reading is retransmitted when its timer expires.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(source) => Err(Error::Io {
                 what: "send a datagram",
