@@ -4,8 +4,8 @@
 # own; they need the server binaries (initdb, pg_ctl, postgres) and, when
 # run as root, the unprivileged `postgres` user to run them as. Missing
 # binaries are installed from Debian's packages (as root), never skipped;
-# so are Prometheus and systemd-analyze for the ops tests and Chromium for
-# the dashboard's.
+# so are Prometheus and systemd-analyze for the ops tests, Chromium for
+# the dashboard's and Python 3 for the Python client's.
 #
 # Extra arguments go to `cargo test`, e.g. `scripts/test.sh hardening::`.
 set -euo pipefail
@@ -31,8 +31,10 @@ fi
 
 # The ops tests run Debian's Prometheus (prometheus, promtool) and
 # systemd-analyze (from systemd) on the shipped unit file; the dashboard
-# tests render the page in headless Chromium.
+# tests render the page in headless Chromium; the Python client's tests run
+# clients/python under python3.
 missing=()
+command -v python3 >/dev/null || missing+=(python3)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v chromium >/dev/null || missing+=(chromium)
