@@ -81,7 +81,7 @@ db, n, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 conn = sqlite3.connect(db)
 start = time.time() - n * 0.01
 conn.executemany(
-    "INSERT INTO sensor_measurements VALUES (1, ?, ?, ?, ?, ?)",
+    "INSERT INTO sensor_measurements (sensor_id, temperature, humidity, ingested_at, received_at, extra) VALUES (1, ?, ?, ?, ?, ?)",
     ((20 + (i % 100) / 10, 40 + (i % 50) / 5, start + i * 0.01, start + i * 0.01,
       None if extra == "none" else '{"co2": %d}' % (400 + i % 300)) for i in range(n)))
 conn.commit()

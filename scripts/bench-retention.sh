@@ -24,7 +24,7 @@ until grep -qs "listening on" "$work/base.log"; do sleep 0.1; done
 kill -TERM $! && wait $!
 sqlite3 "$work/base.db" "
     WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < $BACKLOG - 1)
-    INSERT INTO sensor_measurements
+    INSERT INTO sensor_measurements (sensor_id, temperature, humidity, ingested_at, received_at)
     SELECT 10 + i % 991, 20.5, 0.5, unixepoch() - 86400 + i / 1000.0, unixepoch() - 86400 FROM n;"
 
 size() { du -k "$1"* | awk '{s += $1} END {printf "%.1f MiB", s / 1024}'; }
