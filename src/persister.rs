@@ -119,12 +119,7 @@ impl Shared {
         if unknown.is_empty() {
             return Ok(());
         }
-        let mut loaded = Vec::new();
-        for key in unknown {
-            if let Some(record) = store.load_stream(&key)? {
-                loaded.push((key, record));
-            }
-        }
+        let loaded = store.load_streams(&unknown)?;
         let mut delivery = lock(&self.delivery);
         for (key, record) in loaded {
             delivery.insert(key, record);

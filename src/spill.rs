@@ -248,10 +248,8 @@ impl Spill {
         let mut streams: Vec<StreamUpdate> = Vec::new();
         let (mut duplicates, mut late) = (0, 0);
         for batch in &mut batches {
-            for key in delivery.unknown(&batch.readings) {
-                if let Some(record) = store.load_stream(&key)? {
-                    delivery.insert(key, record);
-                }
+            for (key, record) in store.load_streams(&delivery.unknown(&batch.readings))? {
+                delivery.insert(key, record);
             }
             let admitted = delivery.admit(std::mem::take(&mut batch.readings));
             batch.readings = admitted.readings;

@@ -99,9 +99,11 @@ pub trait Store: Send {
         streams: &[StreamUpdate],
     ) -> Result<Option<Imported>, Error>;
 
-    /// The committed delivery state of one sensor's boot, if it sent
-    /// sequenced readings in it (table `sensord_sequences`).
-    fn load_stream(&mut self, key: &StreamKey) -> Result<Option<StreamRecord>, Error>;
+    /// The committed delivery state of each of `keys` (a sensor's boot)
+    /// that sent sequenced readings (table `sensord_sequences`); keys
+    /// without one are left out.
+    fn load_streams(&mut self, keys: &[StreamKey])
+    -> Result<Vec<(StreamKey, StreamRecord)>, Error>;
 
     /// A handle that makes the current or next operation fail promptly.
     fn interrupter(&self) -> Interrupter;

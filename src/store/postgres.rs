@@ -34,6 +34,7 @@
 //! Timestamps are stored as `timestamptz`, which holds microseconds:
 //! readings' unix seconds are rounded to the nearest microsecond.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -1385,36 +1386,73 @@ impl Store for PostgresStore {
         })
     }
 
-    fn load_stream(&mut self, key: &StreamKey) -> Result<Option<StreamRecord>, Error> {
+    /// Two queries whatever the number of keys: one for the names' keys,
+    /// one for the streams, so a batch of many new sensors costs no round
+    /// trip each.
+    fn load_streams(
+        &mut self,
+        keys: &[StreamKey],
+    ) -> Result<Vec<(StreamKey, StreamRecord)>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let what = format!("cannot read table sensord_sequences in {}", self.url);
         self.interrupted.store(false, Ordering::SeqCst);
         let table = self.table.clone();
         let result = (|| {
             let client = self.client()?;
-            let sensor: Option<i64> = match &key.sensor {
-                SensorId::Int(id) => Some(*id),
-                SensorId::Name(name) => client
-                    .query_opt("SELECT key FROM sensor_names WHERE name = $1", &[&&**name])?
-                    .map(|row| row.try_get(0))
-                    .transpose()?,
-            };
-            let Some(sensor) = sensor else {
-                return Ok(None);
-            };
-            let row = client.query_opt(
+            let names: Vec<&str> = keys
+                .iter()
+                .filter_map(|k| match &k.sensor {
+                    SensorId::Name(name) => Some(&**name),
+                    SensorId::Int(_) => None,
+                })
+                .collect();
+            let mut name_keys: HashMap<String, i64> = HashMap::new();
+            if !names.is_empty() {
+                let rows = client.query(
+                    "SELECT name, key FROM sensor_names WHERE name = ANY($1)",
+                    &[&names],
+                )?;
+                for row in rows {
+                    name_keys.insert(row.try_get(0)?, row.try_get(1)?);
+                }
+            }
+            let mut wanted: HashMap<(i64, i64), &StreamKey> = HashMap::new();
+            for key in keys {
+                let sensor = match &key.sensor {
+                    SensorId::Int(id) => Some(*id),
+                    SensorId::Name(name) => name_keys.get(&**name).copied(),
+                };
+                if let Some(sensor) = sensor {
+                    wanted.insert((sensor, key.boot as i64), key);
+                }
+            }
+            let (sensors, boots): (Vec<i64>, Vec<i64>) = wanted.keys().copied().unzip();
+            let rows = client.query(
                 &format!(
-                    "SELECT {} FROM sensord_sequences
-                     WHERE table_name = $1 AND sensor_id = $2 AND boot = $3",
+                    "SELECT s.sensor_id, s.boot, {} FROM sensord_sequences s
+                     JOIN unnest($2::bigint[], $3::bigint[]) AS k (sensor_id, boot)
+                         ON s.sensor_id = k.sensor_id AND s.boot = k.boot
+                     WHERE s.table_name = $1",
                     &SEQUENCE_COLUMNS["sensor_id, boot, ".len()..]
                 ),
-                &[&table, &sensor, &(key.boot as i64)],
+                &[&table, &sensors, &boots],
             )?;
-            let Some(row) = row else {
-                return Ok(None);
-            };
-            stream_from_row(|i| row.try_get(i), |i| row.try_get(i), |i| row.try_get(i))?
-                .map(Some)
-                .map_err(Failure::Schema)
+            let mut found = Vec::with_capacity(rows.len());
+            for row in rows {
+                let id: (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+                let record = stream_from_row(
+                    |i| row.try_get(i + 2),
+                    |i| row.try_get(i + 2),
+                    |i| row.try_get(i + 2),
+                )?
+                .map_err(Failure::Schema)?;
+                if let Some(key) = wanted.get(&id) {
+                    found.push(((*key).clone(), record));
+                }
+            }
+            Ok(found)
         })();
         result.map_err(|e: Failure| {
             self.disconnect();

@@ -1122,6 +1122,41 @@ fn numeric(column: &str) -> String {
     format!("CASE WHEN typeof({column}) IN ('integer', 'real') THEN {column} END")
 }
 
+impl SqliteStore {
+    /// The committed state of one stream, if any.
+    fn load_stream(&mut self, key: &StreamKey) -> Result<Option<StreamRecord>, Error> {
+        self.follow_path()?;
+        let sql_error =
+            |e: rusqlite::Error| Error::database(format!("cannot read {}", self.path), cause(&e));
+        let sensor = match &key.sensor {
+            SensorId::Int(id) => Some(*id),
+            SensorId::Name(name) => self
+                .conn
+                .prepare_cached("SELECT key FROM sensor_names WHERE name = ?1")
+                .and_then(|mut s| s.query_row([&**name], |row| row.get(0)).optional())
+                .map_err(sql_error)?,
+        };
+        let Some(sensor) = sensor else {
+            return Ok(None);
+        };
+        let row = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM sensord_sequences WHERE sensor_id = ?1 AND boot = ?2",
+                &SEQUENCE_COLUMNS["sensor_id, boot, ".len()..]
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![sensor, key.boot as i64], |row| {
+                    stream_from_row(|i| row.get(i), |i| row.get(i), |i| row.get(i))
+                })
+                .optional()
+            })
+            .map_err(sql_error)?;
+        row.transpose()
+            .map_err(|corrupt| Error::database(format!("cannot read {}", self.path), corrupt))
+    }
+}
+
 impl Store for SqliteStore {
     fn write_batch(
         &mut self,
@@ -1160,36 +1195,18 @@ impl Store for SqliteStore {
         self.write_parts(Some(key), &parts, streams, &what)
     }
 
-    fn load_stream(&mut self, key: &StreamKey) -> Result<Option<StreamRecord>, Error> {
-        self.follow_path()?;
-        let sql_error =
-            |e: rusqlite::Error| Error::database(format!("cannot read {}", self.path), cause(&e));
-        let sensor = match &key.sensor {
-            SensorId::Int(id) => Some(*id),
-            SensorId::Name(name) => self
-                .conn
-                .prepare_cached("SELECT key FROM sensor_names WHERE name = ?1")
-                .and_then(|mut s| s.query_row([&**name], |row| row.get(0)).optional())
-                .map_err(sql_error)?,
-        };
-        let Some(sensor) = sensor else {
-            return Ok(None);
-        };
-        let row = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {} FROM sensord_sequences WHERE sensor_id = ?1 AND boot = ?2",
-                &SEQUENCE_COLUMNS["sensor_id, boot, ".len()..]
-            ))
-            .and_then(|mut s| {
-                s.query_row(params![sensor, key.boot as i64], |row| {
-                    stream_from_row(|i| row.get(i), |i| row.get(i), |i| row.get(i))
-                })
-                .optional()
-            })
-            .map_err(sql_error)?;
-        row.transpose()
-            .map_err(|corrupt| Error::database(format!("cannot read {}", self.path), corrupt))
+    /// One look-up per key: SQLite answers in microseconds.
+    fn load_streams(
+        &mut self,
+        keys: &[StreamKey],
+    ) -> Result<Vec<(StreamKey, StreamRecord)>, Error> {
+        let mut found = Vec::new();
+        for key in keys {
+            if let Some(record) = self.load_stream(key)? {
+                found.push((key.clone(), record));
+            }
+        }
+        Ok(found)
     }
 
     fn interrupter(&self) -> Interrupter {
