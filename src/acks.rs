@@ -105,9 +105,6 @@ pub struct Acks {
     committed: u64,
     /// Bytes each source has sent and not yet spent on acks.
     credit: HashMap<SocketAddr, u64>,
-    /// Ack datagrams and bytes sent, for the log at the stop.
-    pub sent: u64,
-    pub sent_bytes: u64,
 }
 
 impl Acks {
@@ -118,8 +115,6 @@ impl Acks {
             taken: 0,
             committed: 0,
             credit: HashMap::new(),
-            sent: 0,
-            sent_bytes: 0,
         }
     }
 
@@ -181,14 +176,10 @@ impl Acks {
         for (to, streams) in by_source {
             let credit = self.credit.entry(to).or_default();
             for datagram in encode(streams, credit) {
-                match socket.send_to(datagram.as_bytes(), to) {
-                    Ok(_) => {
-                        self.sent += 1;
-                        self.sent_bytes += datagram.len() as u64;
-                    }
-                    // A full send buffer or an unreachable sensor: it
-                    // retransmits and is acknowledged then.
-                    Err(e) => debug!("cannot send an ack to {to}: {e}"),
+                // A full send buffer or an unreachable sensor: it
+                // retransmits and is acknowledged then.
+                if let Err(e) = socket.send_to(datagram.as_bytes(), to) {
+                    debug!("cannot send an ack to {to}: {e}");
                 }
             }
         }

@@ -360,28 +360,24 @@ impl Persister {
         let mut delay = FIRST_BACKOFF;
         let mut attempt = 1u32;
         let mut prepared: Option<(BatchId, Arc<Batch>)> = None;
-        let mut n = 0;
         loop {
             #[cfg(feature = "failpoints")]
             fail::fail_point!("persister::commit");
             let attempt_started = Instant::now();
+            // A batch is formed once; a failed write is retried as it was.
             let result = match &prepared {
-                Some((id, batch)) => {
-                    lock(&self.shared.store).write_batch(*id, &batch.readings, &batch.streams)
-                }
-                None => match self.prepare(batch_size) {
-                    Ok((id, batch)) => {
-                        n = batch.readings.len();
-                        let result = lock(&self.shared.store).write_batch(
-                            id,
-                            &batch.readings,
-                            &batch.streams,
-                        );
-                        prepared = Some((id, batch));
-                        result
-                    }
-                    Err(e) => Err(e),
-                },
+                Some((id, batch)) => Ok((*id, Arc::clone(batch))),
+                None => self.prepare(batch_size),
+            }
+            .and_then(|(id, batch)| {
+                prepared = Some((id, Arc::clone(&batch)));
+                lock(&self.shared.store).write_batch(id, &batch.readings, &batch.streams)
+            });
+            // The readings written, or (if the batch could not be formed)
+            // about to be taken.
+            let n = match &prepared {
+                Some((_, batch)) => batch.readings.len(),
+                None => lock(&self.shared.held).readings.len().min(batch_size),
             };
             match result {
                 Ok(refused) => {
