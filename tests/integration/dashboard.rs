@@ -2,8 +2,8 @@
 //! its values compared against the database, downsampling, every error
 //! case, and the page as headless Chromium renders it.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -13,46 +13,12 @@ use serde_json::Value;
 
 use crate::util::*;
 
-/// `METHOD path` on `addr`: the status, the Content-Type and the body.
-fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let content_type = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Type: "))
-        .unwrap_or("")
-        .to_string();
-    (status, content_type, body.to_string())
-}
-
 /// `GET path` as JSON: the status and the parsed body.
 pub fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
-    let (status, content_type, body) = request(addr, "GET", path);
+    let (status, content_type, body) = http_request(addr, "GET", path);
     assert_eq!(content_type, "application/json", "{path}: {body}");
     let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
     (status, json)
-}
-
-/// Starts `sensord serve --http 127.0.0.1:0 ARGS`; returns it and the
-/// address of its `http on` line.
-pub fn start_with_dashboard(cwd: &Path, args: &[&str]) -> (Server, SocketAddr) {
-    let mut server = Server::start(cwd, &[&["--http", "127.0.0.1:0"][..], args].concat());
-    let line = server.wait_for_line("http on ", Duration::from_secs(10));
-    let addr = line
-        .rsplit("http on ")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    (server, addr)
 }
 
 /// Waits (up to 30 s) until `/api/summary` shows `n` readings persisted.
@@ -73,12 +39,7 @@ pub fn wait_persisted(http: SocketAddr, n: u64, server: &Server) {
 }
 
 /// The time now in unix seconds.
-pub fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
+pub use sensord::reading::unix_now as now;
 
 /// Approximately equal: averages summed in another order.
 pub fn close(a: f64, b: f64) -> bool {
@@ -94,8 +55,8 @@ fn db_conn(dir: &Path) -> rusqlite::Connection {
 #[test]
 fn page_and_assets_are_served() {
     let scratch = Scratch::new();
-    let (mut server, http) = start_with_dashboard(scratch.path(), &["--db", scratch.db_arg()]);
-    let (status, content_type, page) = request(http, "GET", "/");
+    let (mut server, http) = start_with_http(scratch.path(), &["--db", scratch.db_arg()]);
+    let (status, content_type, page) = http_request(http, "GET", "/");
     assert_eq!(status, 200);
     assert_eq!(content_type, "text/html; charset=utf-8");
     assert!(page.contains(r#"<table id="sensors">"#), "{page}");
@@ -106,16 +67,16 @@ fn page_and_assets_are_served() {
         "/assets/uPlot.min.css",
     ] {
         assert!(page.contains(asset), "the page loads {asset}");
-        let (status, _, body) = request(http, "GET", asset);
+        let (status, _, body) = http_request(http, "GET", asset);
         assert_eq!(status, 200, "{asset}");
         assert!(body.len() > 1000, "{asset} has {} bytes", body.len());
     }
-    let (status, _, license) = request(http, "GET", "/assets/uPlot.LICENSE");
+    let (status, _, license) = http_request(http, "GET", "/assets/uPlot.LICENSE");
     assert_eq!(status, 200);
     assert!(license.contains("The MIT License"), "{license}");
-    assert_eq!(request(http, "GET", "/nope").0, 404);
-    assert_eq!(request(http, "POST", "/").0, 405);
-    assert_eq!(request(http, "POST", "/api/sensors").0, 405);
+    assert_eq!(http_request(http, "GET", "/nope").0, 404);
+    assert_eq!(http_request(http, "POST", "/").0, 405);
+    assert_eq!(http_request(http, "POST", "/api/sensors").0, 405);
     server.stop_clean();
 }
 
@@ -125,7 +86,7 @@ fn page_and_assets_are_served() {
 #[test]
 fn summary_shows_the_counters_and_the_rate() {
     let scratch = Scratch::new();
-    let (mut server, http) = start_with_dashboard(scratch.path(), &["--db", scratch.db_arg()]);
+    let (mut server, http) = start_with_http(scratch.path(), &["--db", scratch.db_arg()]);
     send_readings(
         server.addr,
         &["--count", "300", "--interval", "1ms", "--seed", "7"],
@@ -134,9 +95,19 @@ fn summary_shows_the_counters_and_the_rate() {
     let sequenced = br#"{"sensor_id": 5000, "seq": 0, "temperature": 1}"#;
     send_datagrams(server.addr, [&b"not json"[..], sequenced, sequenced]);
     wait_persisted(http, 301, &server);
-    // Two samples of the ring buffer at least: one rate.
-    thread::sleep(Duration::from_millis(2100));
-    let (status, summary) = get_json(http, "/api/summary");
+    // Two samples of the ring buffer at least (one a second): one rate.
+    let deadline = Instant::now() + EXIT;
+    let (status, summary) = loop {
+        let (status, summary) = get_json(http, "/api/summary");
+        if summary["rate"]["t"]
+            .as_array()
+            .is_some_and(|t| t.len() >= 2)
+        {
+            break (status, summary);
+        }
+        assert!(Instant::now() < deadline, "no rate yet: {summary}");
+        thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(status, 200);
     let counters = &summary["counters"];
     assert_eq!(counters["received"], 303);
@@ -174,7 +145,7 @@ fn summary_shows_the_counters_and_the_rate() {
 #[test]
 fn sensors_agree_with_the_database() {
     let scratch = Scratch::new();
-    let (mut server, http) = start_with_dashboard(scratch.path(), &["--db", scratch.db_arg()]);
+    let (mut server, http) = start_with_http(scratch.path(), &["--db", scratch.db_arg()]);
     let start = now();
     let mut datagrams = Vec::new();
     for i in 0..120 {
@@ -278,7 +249,7 @@ fn sensors_agree_with_the_database() {
 #[test]
 fn readings_are_downsampled_as_the_database_says() {
     let scratch = Scratch::new();
-    let (mut server, http) = start_with_dashboard(scratch.path(), &["--db", scratch.db_arg()]);
+    let (mut server, http) = start_with_http(scratch.path(), &["--db", scratch.db_arg()]);
     let base = 1_764_150_000.0;
     let n = 10_000;
     let datagrams: Vec<String> = (0..n)
@@ -400,7 +371,7 @@ fn readings_are_downsampled_as_the_database_says() {
 #[test]
 fn api_errors_are_one_line_json() {
     let scratch = Scratch::new();
-    let (mut server, http) = start_with_dashboard(scratch.path(), &["--db", scratch.db_arg()]);
+    let (mut server, http) = start_with_http(scratch.path(), &["--db", scratch.db_arg()]);
     send_datagrams(
         server.addr,
         [
@@ -474,7 +445,7 @@ fn api_errors_are_one_line_json() {
         ("/api/nope", 404, "no such path /api/nope"),
     ];
     for (path, status, error) in cases {
-        let (got, _, body) = request(http, "GET", path);
+        let (got, _, body) = http_request(http, "GET", path);
         assert_eq!(got, status, "{path}: {body}");
         assert!(!body.trim_end().contains('\n'), "{path}: {body}");
         let json: Value = serde_json::from_str(&body).unwrap();
@@ -564,7 +535,7 @@ fn tag<'a>(dom: &'a str, start: &str) -> Option<&'a str> {
 #[test]
 fn browser_shows_sensors_charts_and_silent_ones() {
     let scratch = Scratch::new();
-    let (mut server, http) = start_with_dashboard(scratch.path(), &["--db", scratch.db_arg()]);
+    let (mut server, http) = start_with_http(scratch.path(), &["--db", scratch.db_arg()]);
     send_readings(
         server.addr,
         &[

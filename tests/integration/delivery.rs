@@ -50,12 +50,7 @@ fn range(sensor: i64, boot: i64, seqs: std::ops::Range<i64>) -> Vec<(i64, i64, i
 
 /// One sensor's line of `stats --json`.
 fn sensor_stats(db: &Path, sensor: i64) -> Value {
-    let out = run(
-        &["stats", "--db", db.to_str().unwrap(), "--json"],
-        db.parent().unwrap(),
-    );
-    assert!(out.status.success(), "{out:?}");
-    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc = stats_json(db);
     doc["per_sensor"]
         .as_array()
         .unwrap()

@@ -67,13 +67,7 @@ fn stored(db: &std::path::Path) -> Vec<(Id, [u64; 3])> {
 
 /// Per sensor, `lost` and `duplicates` from `stats --json`.
 fn loss_by_sensor(scratch: &Scratch) -> HashMap<i64, (u64, u64)> {
-    let out = run(
-        &["stats", "--db", scratch.db_arg(), "--json"],
-        scratch.path(),
-    );
-    assert!(out.status.success(), "{out:?}");
-    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
-    doc["per_sensor"]
+    stats_json(&scratch.db)["per_sensor"]
         .as_array()
         .unwrap()
         .iter()
@@ -232,7 +226,6 @@ fn a_killed_server_loses_nothing_of_a_reliable_client() {
         .unwrap();
     server.wait_for_count("persisted", 2000, EXIT);
     server.stop_with(libc::SIGKILL, EXIT);
-    std::thread::sleep(Duration::from_millis(300));
     let mut server = Server::start_bound(scratch.path(), &bind, &args, &[]);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let status = loop {

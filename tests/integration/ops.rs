@@ -2,7 +2,7 @@
 //! `/health`, `--retain`, and the shipped unit file.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -12,35 +12,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::util::*;
-
-/// `GET path` on `addr`: the status code and the body.
-fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
-}
-
-/// Starts `sensord serve --http 127.0.0.1:0 ARGS`; returns it and the
-/// address of its `http on` line.
-fn start_with_http(cwd: &Path, args: &[&str]) -> (Server, SocketAddr) {
-    let mut server = Server::start(cwd, &[&["--http", "127.0.0.1:0"][..], args].concat());
-    let line = server.wait_for_line("http on ", Duration::from_secs(10));
-    let addr = line
-        .rsplit("http on ")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    (server, addr)
-}
 
 /// A scrape's samples: `name{labels}` to value.
 fn samples(page: &str) -> HashMap<String, f64> {
@@ -61,7 +32,7 @@ fn scrape_until(
 ) -> (String, HashMap<String, f64>) {
     let deadline = Instant::now() + timeout;
     loop {
-        let (status, page) = get(http, "/metrics");
+        let (status, page) = http_get(http, "/metrics");
         assert_eq!(status, 200);
         let samples = samples(&page);
         if done(&samples) {
@@ -227,7 +198,7 @@ fn prometheus_scrapes_the_persisted_count() {
     let stored = loop {
         let answer = TcpStream::connect(web)
             .ok()
-            .map(|_| get(web, "/api/v1/query?query=sensord_readings_persisted_total"));
+            .map(|_| http_get(web, "/api/v1/query?query=sensord_readings_persisted_total"));
         let value = answer.and_then(|(status, body)| {
             let json: serde_json::Value = serde_json::from_str(&body).ok()?;
             (status == 200).then_some(())?;
@@ -259,7 +230,7 @@ fn health_is_503_while_commits_fail_and_200_after() {
         scratch.path(),
         &["--db", scratch.db_arg(), "--busy-timeout", "300ms"],
     );
-    assert_eq!(get(http, "/health").0, 200);
+    assert_eq!(http_get(http, "/health").0, 200);
     let blocker = rusqlite::Connection::open(&scratch.db).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     send_readings(
@@ -269,7 +240,7 @@ fn health_is_503_while_commits_fail_and_200_after() {
     );
     let deadline = Instant::now() + EXIT;
     let body = loop {
-        let (status, body) = get(http, "/health");
+        let (status, body) = http_get(http, "/health");
         if status == 503 {
             break body;
         }
@@ -280,7 +251,7 @@ fn health_is_503_while_commits_fail_and_200_after() {
     blocker.execute_batch("COMMIT").unwrap();
     let deadline = Instant::now() + EXIT;
     loop {
-        let (status, body) = get(http, "/health");
+        let (status, body) = http_get(http, "/health");
         if status == 200 {
             break;
         }
@@ -415,7 +386,7 @@ fn scrapes_during_a_full_speed_send_change_nothing() {
         let (stop, scrapes) = (Arc::clone(&stop), Arc::clone(&scrapes));
         thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                assert_eq!(get(http, "/metrics").0, 200);
+                assert_eq!(http_get(http, "/metrics").0, 200);
                 scrapes.fetch_add(1, Ordering::Relaxed);
                 thread::sleep(Duration::from_millis(100));
             }

@@ -1806,11 +1806,11 @@ fn pg_sequenced_readings_are_stored_exactly_once() {
 /// first bucket), named sensors included, and an unknown sensor is a 404.
 #[test]
 fn pg_dashboard_api_agrees_with_the_table() {
-    use crate::dashboard::{get_json, now, start_with_dashboard, wait_persisted};
+    use crate::dashboard::{get_json, now, wait_persisted};
     let Some(cluster) = shared() else { return };
     let url = cluster.database("dashboard");
     let scratch = Scratch::new();
-    let (mut server, http) = start_with_dashboard(scratch.path(), &["--db", &url]);
+    let (mut server, http) = start_with_http(scratch.path(), &["--db", &url]);
     let start = now();
     let mut datagrams: Vec<String> = (0..600)
         .map(|i| {

@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -431,4 +431,55 @@ pub fn pause(pid: u32) {
         assert!(Instant::now() < deadline, "process {pid} did not stop");
         thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// `METHOD path` over HTTP/1.0 on `addr`: the status, the Content-Type and
+/// the body. Waits at most 30 s for the answer.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .unwrap_or("")
+        .to_string();
+    (status, content_type, body.to_string())
+}
+
+/// `GET path` on `addr`: the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = http_request(addr, "GET", path);
+    (status, body)
+}
+
+/// Starts `sensord serve --http 127.0.0.1:0 ARGS`; returns it and the
+/// address of its `http on` line.
+pub fn start_with_http(cwd: &Path, args: &[&str]) -> (Server, SocketAddr) {
+    let mut server = Server::start(cwd, &[&["--http", "127.0.0.1:0"][..], args].concat());
+    let line = server.wait_for_line("http on ", Duration::from_secs(10));
+    let addr = line
+        .rsplit("http on ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (server, addr)
+}
+
+/// `sensord stats --db DB --json` (which must succeed), parsed.
+pub fn stats_json(db: &Path) -> serde_json::Value {
+    let out = run(
+        &["stats", "--db", db.to_str().unwrap(), "--json"],
+        db.parent().unwrap(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
 }
