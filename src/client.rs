@@ -160,12 +160,9 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<Sent, Error> {
     while config.count.is_none_or(|count| client.sent.sent < count) && !shutdown.requested() {
         let sensor = rng.random_range(config.sensor_ids.0.clone());
         if client.reliable {
-            client.read_acks()?;
-            client.retransmit(&mut rng)?;
+            client.tend(Duration::ZERO, &mut rng, shutdown)?;
             while client.full(sensor) && !shutdown.requested() {
-                client.wait(Duration::from_millis(50), shutdown)?;
-                client.read_acks()?;
-                client.retransmit(&mut rng)?;
+                client.tend(Duration::from_millis(50), &mut rng, shutdown)?;
             }
             if shutdown.requested() {
                 break;
@@ -177,9 +174,8 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<Sent, Error> {
             next = (next + config.interval).max(Instant::now());
             if client.reliable {
                 while Instant::now() < next && !shutdown.requested() {
-                    client.wait(next.saturating_duration_since(Instant::now()), shutdown)?;
-                    client.read_acks()?;
-                    client.retransmit(&mut rng)?;
+                    let left = next.saturating_duration_since(Instant::now());
+                    client.tend(left, &mut rng, shutdown)?;
                 }
             } else {
                 pace(next, shutdown);
@@ -196,9 +192,7 @@ pub fn run(config: &SendConfig, shutdown: &Shutdown) -> Result<Sent, Error> {
             );
         }
         while !client.unacked.is_empty() && !shutdown.requested() {
-            client.wait(Duration::from_millis(50), shutdown)?;
-            client.read_acks()?;
-            client.retransmit(&mut rng)?;
+            client.tend(Duration::from_millis(50), &mut rng, shutdown)?;
         }
     }
     let sent = client.sent;
@@ -409,6 +403,19 @@ impl Client {
             self.send(datagram.as_bytes())?;
         }
         Ok(())
+    }
+
+    /// Waits up to `timeout` for an ack (see `wait`), then reads the acks
+    /// and retransmits what is due: a reliable sender's one chore.
+    fn tend(
+        &mut self,
+        timeout: Duration,
+        rng: &mut StdRng,
+        shutdown: &Shutdown,
+    ) -> Result<(), Error> {
+        self.wait(timeout, shutdown)?;
+        self.read_acks()?;
+        self.retransmit(rng)
     }
 
     /// Waits up to `timeout` (at most until the next retransmission) for an
