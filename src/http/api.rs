@@ -26,17 +26,17 @@ use super::downsample::{Downsampled, Downsampler};
 use super::history::{History, Rates};
 use super::{Reply, Sources, health};
 use crate::error::Error;
-use crate::reading::{Rejection, SensorId, unix_now};
-use crate::store::{Interrupter, Recent, SensorRow, Store};
+use crate::reading::{MAX_INGESTED_AT, Rejection, SensorId, unix_now};
+use crate::store::{Interrupter, Recent, SensorRow, Store, percent_decode};
 
 /// Buckets per series when the request does not say.
-pub const DEFAULT_POINTS: usize = 1000;
+const DEFAULT_POINTS: usize = 1000;
 /// The most buckets a request may ask for.
-pub const MAX_POINTS: usize = 5000;
+const MAX_POINTS: usize = 5000;
 /// `/api/sensors` counts readings and draws sparklines over this last
 /// stretch, in `SPARK_SLOTS` slots.
-pub const RECENT_SECONDS: f64 = 3600.0;
-pub const SPARK_SLOTS: usize = 30;
+const RECENT_SECONDS: f64 = 3600.0;
+const SPARK_SLOTS: usize = 30;
 /// Requests waiting for the `http-api` thread; one more is turned away
 /// with a 503 rather than queued behind slow ones.
 const QUEUE: usize = 8;
@@ -316,10 +316,12 @@ impl Window {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value = percent_decode(value)
                 .ok_or_else(|| format!("`{name}` is not valid percent-encoded UTF-8"))?;
+            // 1970 to 9999, as stored: PostgreSQL refuses a time beyond.
             let time = || match value.parse::<f64>() {
-                Ok(t) if t.is_finite() => Ok(Some(t)),
+                Ok(t) if (0.0..=MAX_INGESTED_AT).contains(&t) => Ok(Some(t)),
                 _ => Err(format!(
-                    "`{name}` must be a time in unix seconds, like 1764150000.5: got `{value}`"
+                    "`{name}` must be a time in unix seconds from 0 to {MAX_INGESTED_AT}, \
+                     like 1764150000.5: got `{value}`"
                 )),
             };
             let twice = || format!("`{name}` is given twice");
@@ -405,25 +407,6 @@ fn readings(store: &mut dyn Store, id: &str, query: &str) -> Result<Reply, Reply
             downsampled: downsampler.finish(),
         },
     ))
-}
-
-/// Decodes `%XX` escapes (a `+` stays a `+`); None if one is malformed or
-/// the result is not UTF-8.
-pub fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

@@ -1104,8 +1104,8 @@ fn take_ssl_params(url: &str) -> Result<(String, SslParams), Error> {
     let mut kept = Vec::new();
     for param in query.split('&') {
         match param.split_once('=') {
-            Some(("sslmode", value)) => ssl.mode = percent_decode(value)?,
-            Some(("sslrootcert", value)) => ssl.root_cert = Some(percent_decode(value)?.into()),
+            Some(("sslmode", value)) => ssl.mode = decode(value)?,
+            Some(("sslrootcert", value)) => ssl.root_cert = Some(decode(value)?.into()),
             _ => kept.push(param),
         }
     }
@@ -1117,22 +1117,10 @@ fn take_ssl_params(url: &str) -> Result<(String, SslParams), Error> {
     Ok((url, ssl))
 }
 
-fn percent_decode(text: &str) -> Result<String, Error> {
-    let bad = || Error::Config(format!("--db: bad percent-encoding in {text:?}"));
-    let mut bytes = Vec::with_capacity(text.len());
-    let mut rest = text.as_bytes();
-    while let Some((&b, tail)) = rest.split_first() {
-        if b == b'%' {
-            let hex = tail.get(..2).ok_or_else(bad)?;
-            let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
-            bytes.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
-            rest = &tail[2..];
-        } else {
-            bytes.push(b);
-            rest = tail;
-        }
-    }
-    String::from_utf8(bytes).map_err(|_| bad())
+/// `super::percent_decode`, its failure a `--db` error.
+fn decode(text: &str) -> Result<String, Error> {
+    super::percent_decode(text)
+        .ok_or_else(|| Error::Config(format!("--db: bad percent-encoding in {text:?}")))
 }
 
 impl SslParams {

@@ -1425,6 +1425,11 @@ impl Store for SqliteStore {
             let mut rows = Vec::new();
             let mut from = Some(i64::MIN);
             while let Some(at) = from {
+                // Many short statements: `sqlite3_interrupt` between two of
+                // them is lost, so a stop is looked for here too.
+                if self.interrupted.load(Ordering::Relaxed) {
+                    return Err(interrupted_error());
+                }
                 let Some(key) = next.query_row([at], |r| r.get::<_, i64>(0)).optional()? else {
                     break;
                 };

@@ -392,6 +392,11 @@ fn api_errors_are_one_line_json() {
             "`to` must be a time in unix seconds",
         ),
         (
+            "/api/sensors/5/readings?from=1e300",
+            400,
+            "`from` must be a time in unix seconds",
+        ),
+        (
             "/api/sensors/5/readings?points=0",
             400,
             "`points` must be an integer from 1 to 5000",
